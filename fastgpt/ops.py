@@ -1,0 +1,255 @@
+"""Dispatch: one function per fused operation, each choosing Triton or eager PyTorch.
+
+The model calls only the functions at the bottom of this file (``layer_norm``,
+``gelu``, ``causal_attention``). Each one picks a path:
+
+* ``auto`` (default): the Triton kernel when Triton imports, the tensor is on a
+  CUDA device and the kernel supports the case; eager PyTorch otherwise.
+* ``triton``: forced. Fails loudly (``BackendError``) rather than fall back:
+  no kernel for the op, Triton missing, an unsupported case, or CPU tensors
+  without ``TRITON_INTERPRET=1`` (the Triton interpreter, used by the tests).
+* ``eager``: forced eager PyTorch.
+
+Choose with ``set_backend(name, op=None)``, the ``use_backend(...)`` context
+manager, or the environment variable ``FASTGPT_BACKEND`` read at import, e.g.
+``FASTGPT_BACKEND=eager`` or ``FASTGPT_BACKEND=auto,causal_attention=eager``.
+
+Every call is counted in ``dispatch_counts[(op, path)]`` (outside torch.compile
+tracing), so tests and the profiler can see which path really ran.
+
+Triton is imported lazily, only when a Triton path is considered, so
+``import fastgpt`` works where Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "triton", "eager")
+OPS = ("layer_norm", "gelu", "causal_attention")
+ENV_VAR = "FASTGPT_BACKEND"
+
+
+class BackendError(RuntimeError):
+    """A forced Triton path cannot run (no kernel, no Triton, unsupported case)."""
+
+
+# ---------------------------------------------------------------- backend choice
+
+def _check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def _check_op(op: str) -> str:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; fastgpt dispatches {', '.join(OPS)}")
+    return op
+
+
+def parse_backend_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Parse ``"eager"`` or ``"auto,causal_attention=triton"`` into (default, per-op)."""
+    default, per_op = "auto", {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if "=" in part:
+            op, name = (s.strip() for s in part.split("=", 1))
+            per_op[_check_op(op)] = _check_backend(name)
+        else:
+            default = _check_backend(part)
+    return default, per_op
+
+
+def _from_environment() -> tuple[str, dict[str, str]]:
+    spec = os.environ.get(ENV_VAR, "")
+    try:
+        return parse_backend_spec(spec)
+    except ValueError as err:
+        raise ValueError(f"environment variable {ENV_VAR}={spec!r}: {err}") from None
+
+
+_default_backend, _op_backends = _from_environment()
+
+
+def set_backend(name: str, op: Optional[str] = None) -> None:
+    """Select ``auto``/``triton``/``eager`` for every op, or for one op by name."""
+    global _default_backend
+    _check_backend(name)
+    if op is None:
+        _default_backend = name
+        _op_backends.clear()
+    else:
+        _op_backends[_check_op(op)] = name
+
+
+def get_backend(op: Optional[str] = None) -> str:
+    """The backend in force for ``op`` (or the default for all ops)."""
+    if op is None:
+        return _default_backend
+    return _op_backends.get(_check_op(op), _default_backend)
+
+
+@contextmanager
+def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
+    """Context manager: ``with use_backend("eager"): model(idx)``."""
+    global _default_backend
+    saved = _default_backend, dict(_op_backends)
+    set_backend(name, op)
+    try:
+        yield
+    finally:
+        _default_backend = saved[0]
+        _op_backends.clear()
+        _op_backends.update(saved[1])
+
+
+# ---------------------------------------------------------------- observability
+
+dispatch_counts: Counter = Counter()
+
+
+def reset_dispatch_counts() -> None:
+    dispatch_counts.clear()
+
+
+def _record(op: str, path: str) -> None:
+    # Under torch.compile the Python body runs once while tracing; counting there
+    # would be misleading, so compiled graphs are not counted.
+    if not torch.compiler.is_compiling():
+        dispatch_counts[(op, path)] += 1
+
+
+# ---------------------------------------------------------------- Triton registry
+
+@dataclass(frozen=True)
+class TritonKernel:
+    """A Triton implementation of one op.
+
+    ``run`` takes the same arguments as the op's function below. ``supports``
+    takes them too and returns None when the kernel handles the case, or a short
+    reason it does not (dtype, head size, ...).
+    """
+
+    run: Callable
+    supports: Callable[..., Optional[str]] = lambda *args, **kwargs: None
+
+
+# op -> "module:attribute" of a TritonKernel under fastgpt.kernels, imported on
+# first use. Kernels land here as they are written.
+_KERNEL_LOCATIONS: dict[str, str] = {}
+_kernels: dict[str, TritonKernel] = {}
+
+
+def register_triton_kernel(op: str, kernel: Optional[TritonKernel]) -> None:
+    """Install (or with None, remove) the Triton implementation of ``op``."""
+    _check_op(op)
+    if kernel is None:
+        _kernels.pop(op, None)
+        _KERNEL_LOCATIONS.pop(op, None)
+    else:
+        _kernels[op] = kernel
+
+
+def triton_status() -> Optional[str]:
+    """None when Triton imports, else why not (cached after the first call)."""
+    global _triton_status
+    if _triton_status is _UNKNOWN:
+        try:
+            importlib.import_module("triton")
+            _triton_status = None
+        except Exception as err:  # ImportError, or a broken install raising anything
+            _triton_status = f"Triton is not usable here ({type(err).__name__}: {err})"
+    return _triton_status
+
+
+_UNKNOWN = object()
+_triton_status = _UNKNOWN
+
+
+def _triton_kernel(op: str) -> Optional[TritonKernel]:
+    if op not in _kernels and op in _KERNEL_LOCATIONS:
+        module_name, attribute = _KERNEL_LOCATIONS[op].split(":")
+        module = importlib.import_module(module_name)
+        _kernels[op] = getattr(module, attribute)
+    return _kernels.get(op)
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def select_path(op: str, x: torch.Tensor, *args, **kwargs) -> tuple[str, Optional[TritonKernel]]:
+    """Decide ``"triton"`` or ``"eager"`` for one call of ``op`` on ``x``."""
+    backend = get_backend(op)
+    if backend == "eager":
+        return "eager", None
+    if backend == "auto":
+        has_kernel = op in _kernels or op in _KERNEL_LOCATIONS
+        if x.device.type != "cuda" or not has_kernel:
+            return "eager", None
+        if triton_status() is not None:
+            return "eager", None
+        kernel = _triton_kernel(op)
+        if kernel.supports(x, *args, **kwargs) is not None:
+            return "eager", None
+        return "triton", kernel
+    # backend == "triton": forced, so every obstacle is an error.
+    if triton_status() is not None:
+        raise BackendError(f"{op}: backend 'triton' is forced but {triton_status()}")
+    kernel = _triton_kernel(op)
+    if kernel is None:
+        raise BackendError(
+            f"{op}: backend 'triton' is forced but fastgpt has no Triton kernel for {op} yet; "
+            f"use backend 'auto' or 'eager' for it (set_backend('auto', op={op!r}))"
+        )
+    if x.device.type != "cuda" and not _interpreter_on():
+        raise BackendError(
+            f"{op}: backend 'triton' is forced on a {x.device.type} tensor; Triton runs on CUDA tensors, "
+            "or on CPU tensors under the interpreter (set TRITON_INTERPRET=1 before importing fastgpt)"
+        )
+    reason = kernel.supports(x, *args, **kwargs)
+    if reason is not None:
+        raise BackendError(f"{op}: the Triton kernel does not support this case: {reason}")
+    return "triton", kernel
+
+
+# ---------------------------------------------------------------- the ops
+
+def layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dim: scale * (x - mean) / sqrt(var + eps) + shift, biased var."""
+    path, kernel = select_path("layer_norm", x, scale, shift, eps)
+    _record("layer_norm", path)
+    if kernel is not None:
+        return kernel.run(x, scale, shift, eps)
+    return F.layer_norm(x, (x.shape[-1],), scale, shift, eps)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    path, kernel = select_path("gelu", x)
+    _record("gelu", path)
+    if kernel is not None:
+        return kernel.run(x)
+    return F.gelu(x, approximate="tanh")
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d) + causal mask) with dropout on the weights, times v.
+
+    q, k, v: (batch, heads, seq, head_dim), any strides. ``dropout_p`` applies as
+    given: pass 0.0 at inference. The eager path never builds a T×T mask: it
+    hands ``is_causal=True`` to PyTorch's fused attention.
+    """
+    path, kernel = select_path("causal_attention", q, k, v, dropout_p)
+    _record("causal_attention", path)
+    if kernel is not None:
+        return kernel.run(q, k, v, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)

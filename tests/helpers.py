@@ -1,0 +1,16 @@
+"""Helpers shared by the tests."""
+
+import torch
+
+# A config small enough for CPU tests, with a context and vocab that are not
+# powers of two so off-by-one and padding mistakes show.
+TINY = {"vocab_size": 97, "context_length": 40, "emb_dim": 64, "n_heads": 4,
+        "n_layers": 2, "drop_rate": 0.0, "qkv_bias": False}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (DESIGN.md's measure). NaN anywhere fails."""
+    out, ref = out.detach().double(), ref.detach().double()
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), "output has NaN/inf"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()

@@ -1,0 +1,162 @@
+"""Dispatch: backend selection, the record of which path ran, and forced-Triton failures."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt import GPTModel, ops
+from helpers import TINY
+
+
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter, outside the repository root (kept off sys.path)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=os.path.dirname(sys.executable), timeout=300)
+
+
+def test_cpu_forward_records_the_eager_path_for_every_op_call():
+    model = GPTModel(TINY).eval()
+    ops.reset_dispatch_counts()
+    with torch.no_grad():
+        model(torch.zeros(1, 5, dtype=torch.long))
+    layers = TINY["n_layers"]
+    assert dict(ops.dispatch_counts) == {
+        ("layer_norm", "eager"): 2 * layers + 1,
+        ("gelu", "eager"): layers,
+        ("causal_attention", "eager"): layers,
+    }
+
+
+def test_set_get_and_scoped_backends():
+    assert fastgpt.get_backend() == "auto"
+    fastgpt.set_backend("eager")
+    assert fastgpt.get_backend("gelu") == "eager"
+    with fastgpt.use_backend("triton", op="causal_attention"):
+        assert fastgpt.get_backend("causal_attention") == "triton"
+        assert fastgpt.get_backend("layer_norm") == "eager"
+    assert fastgpt.get_backend("causal_attention") == "eager"
+    with pytest.raises(ValueError, match="unknown backend 'cuda'; choose one of auto, triton, eager"):
+        fastgpt.set_backend("cuda")
+    with pytest.raises(ValueError, match="unknown op 'softmax'"):
+        fastgpt.set_backend("eager", op="softmax")
+
+
+def test_backend_spec_parsing():
+    assert ops.parse_backend_spec("") == ("auto", {})
+    assert ops.parse_backend_spec("eager") == ("eager", {})
+    assert ops.parse_backend_spec(" triton , gelu=eager") == ("triton", {"gelu": "eager"})
+    with pytest.raises(ValueError, match="unknown op 'attention'"):
+        ops.parse_backend_spec("attention=eager")
+
+
+def test_environment_variable_sets_the_backend_and_rejects_typos():
+    ok = _run_python("import fastgpt; print(fastgpt.get_backend(), fastgpt.get_backend('gelu'))",
+                     FASTGPT_BACKEND="eager,gelu=auto")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.split() == ["eager", "auto"]
+    bad = _run_python("import fastgpt", FASTGPT_BACKEND="trtion")
+    assert bad.returncode != 0
+    assert "FASTGPT_BACKEND='trtion': unknown backend 'trtion'" in bad.stderr
+
+
+def test_forcing_triton_for_an_op_without_a_kernel_fails_loudly():
+    ops.register_triton_kernel("gelu", None)
+    with fastgpt.use_backend("triton"), pytest.raises(fastgpt.BackendError, match="no Triton kernel for gelu"):
+        ops.gelu(torch.randn(3))
+
+
+def _fake_kernel(calls):
+    def run(x):
+        calls.append(x.shape)
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+    def supports(x):
+        return None if x.dtype == torch.float32 else f"dtype {x.dtype} not supported"
+
+    return ops.TritonKernel(run=run, supports=supports)
+
+
+def test_forced_triton_runs_a_registered_kernel_and_records_it(monkeypatch):
+    pytest.importorskip("triton")
+    calls = []
+    ops.register_triton_kernel("gelu", _fake_kernel(calls))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ops.reset_dispatch_counts()
+    with fastgpt.use_backend("triton", op="gelu"):
+        ops.gelu(torch.randn(2, 3))
+        with pytest.raises(fastgpt.BackendError, match="does not support this case: dtype torch.float64"):
+            ops.gelu(torch.randn(2, 3, dtype=torch.float64))
+    assert calls == [(2, 3)]
+    assert ops.dispatch_counts[("gelu", "triton")] == 1
+
+
+def test_forced_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    ops.register_triton_kernel("gelu", _fake_kernel([]))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with fastgpt.use_backend("triton"), pytest.raises(fastgpt.BackendError, match="TRITON_INTERPRET=1"):
+        ops.gelu(torch.randn(3))
+
+
+def test_auto_stays_eager_on_cpu_even_with_a_kernel_registered():
+    calls = []
+    ops.register_triton_kernel("gelu", _fake_kernel(calls))
+    ops.reset_dispatch_counts()
+    ops.gelu(torch.randn(4))
+    assert calls == [] and ops.dispatch_counts[("gelu", "eager")] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto picks Triton only for CUDA tensors; needs a GPU")
+def test_auto_picks_a_supporting_kernel_on_cuda_and_falls_back_otherwise():
+    pytest.importorskip("triton")
+    calls = []
+    ops.register_triton_kernel("gelu", _fake_kernel(calls))
+    ops.reset_dispatch_counts()
+    ops.gelu(torch.randn(4, device="cuda"))
+    ops.gelu(torch.randn(4, device="cuda", dtype=torch.float64))
+    assert ops.dispatch_counts[("gelu", "triton")] == 1 and ops.dispatch_counts[("gelu", "eager")] == 1
+
+
+def test_fastgpt_imports_and_runs_without_triton():
+    code = """
+import sys
+class BlockTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("triton blocked for this test")
+sys.meta_path.insert(0, BlockTriton())
+import torch, fastgpt
+from fastgpt import ops
+model = fastgpt.GPTModel({"vocab_size": 11, "context_length": 8, "emb_dim": 8, "n_heads": 2,
+                          "n_layers": 1, "drop_rate": 0.0, "qkv_bias": False})
+print(tuple(model(torch.zeros(1, 3, dtype=torch.long)).shape))
+ops.register_triton_kernel("gelu", ops.TritonKernel(run=lambda x: x))
+try:
+    with fastgpt.use_backend("triton"):
+        ops.gelu(torch.ones(2))
+except fastgpt.BackendError as err:
+    print(err)
+print("triton" in sys.modules)
+"""
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "(1, 3, 11)"
+    assert "gelu: backend 'triton' is forced but Triton is not usable here (ImportError" in lines[1]
+    assert lines[2] == "False"
+
+
+def test_kernels_folder_is_fastgpt_kernels_and_harmless_as_a_top_level_import():
+    import fastgpt.kernels
+    assert os.path.basename(os.path.dirname(fastgpt.kernels.__file__)) == "kernels"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastgpt.__file__)))
+    # With the root on sys.path, transformers may import kernels/ as `kernels`
+    # while probing for Hugging Face's package: that import must stay cheap.
+    result = _run_python(f"import sys; sys.path.insert(0, {root!r}); import kernels; "
+                         "print('triton' in sys.modules, 'torch' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
