@@ -91,7 +91,9 @@ class MultiHeadAttention(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "mask"] = self.mask
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer_cache=None) -> torch.Tensor:
+        if layer_cache is not None:
+            raise NotImplementedError("KV-cache attention is not implemented yet")
         b, num_tokens, _ = x.shape
         # (b, T, d_out) -> (b, heads, T, head_dim): a strided view, no copy.
         def heads(t):
@@ -137,8 +139,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+    def forward(self, x: torch.Tensor, layer_cache=None) -> torch.Tensor:
+        # layer_cache: this block's slice of a generation KV cache, or None.
+        x = x + self.drop_shortcut(self.att(self.norm1(x), layer_cache))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
