@@ -14,7 +14,7 @@ import importlib
 from dataclasses import dataclass, field
 
 # Kernel modules (under fastgpt.kernels) that define compile_cases().
-KERNEL_MODULES: tuple[str, ...] = ()
+KERNEL_MODULES: tuple[str, ...] = ("layer_norm", "gelu", "attention", "decode_attention")
 
 
 @dataclass(frozen=True)

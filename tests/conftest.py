@@ -2,10 +2,23 @@
 tests/ (not the root) goes on sys.path, so `kernels/` is never imported as a
 top-level package by accident."""
 
-import pytest
+import os
 
-from fastgpt import ops
-from helpers import TINY
+import torch
+
+# With no GPU, Triton kernels run under the interpreter on CPU tensors. Triton
+# reads this when a kernel is decorated, so it must be set before any
+# fastgpt.kernels module is imported (fastgpt itself imports none at startup).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Attention tests run one pinned tile config (small tiles: short sequences
+# cross several tiles); test_kernels_attention.py runs every tuned config on a GPU.
+os.environ.setdefault("FASTGPT_ATTENTION_PINNED", "1")
+
+import pytest  # noqa: E402
+
+from fastgpt import ops  # noqa: E402
+from helpers import TINY  # noqa: E402
 
 
 @pytest.fixture
@@ -25,4 +38,14 @@ def _restore_dispatch_state():
     ops._kernels.update(saved_kernels)
     ops._KERNEL_LOCATIONS.clear()
     ops._KERNEL_LOCATIONS.update(saved_locations)
+    ops.reset_dispatch_counts()
+
+
+@pytest.fixture
+def forced_triton(monkeypatch):
+    """Kernel tests: every op forced to Triton (no silent eager fallback), kernel
+    outputs poisoned with NaN (an unwritten element fails), counters reset."""
+    import fastgpt.kernels.outputs as outputs
+    monkeypatch.setattr(outputs, "poison", True)
+    ops.set_backend("triton")
     ops.reset_dispatch_counts()

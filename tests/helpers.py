@@ -14,3 +14,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), "output has NaN/inf"
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# DESIGN.md's tolerances, relative to a float64 reference: (forward, gradients).
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-4) if not torch.cuda.is_available() else (1e-3, 3e-3),
+    torch.float16: (1e-2, 2e-2),
+    torch.bfloat16: (1e-2, 2e-2),
+}
+
+
+def kernel_device() -> str:
+    """CUDA when present; else CPU tensors, which Triton runs under TRITON_INTERPRET=1."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,166 @@
+"""LayerNorm kernels (plain, and fused with residual add + dropout): parity with float64, forward and backward.
+
+Without a GPU these run under the Triton interpreter (conftest.py sets
+TRITON_INTERPRET=1); every test checks the Triton path really ran.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastgpt
+from fastgpt import ops
+from helpers import TOLERANCES, kernel_device, rel_err
+
+DEVICE = kernel_device()
+
+
+pytestmark = pytest.mark.usefixtures("forced_triton")
+
+
+def _inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    x = torch.randn(shape, generator=g).mul(3).add(1).to(dtype)  # non-zero mean, non-unit variance
+    w = torch.randn(n, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    return [t.to(DEVICE) for t in (x, w, b, dy)]
+
+
+def _reference_grads(fn, tensors, dy):
+    """fn on float64 copies of tensors; returns (output, grads)."""
+    leaves = [t.detach().double().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(dy.double())
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def _check_grad(out_grad, ref_grad, tol, name):
+    if ref_grad.norm() < 1e-9:
+        # e.g. dx of a width-1 row: zero in exact arithmetic.
+        assert out_grad.double().abs().max() <= 1e-5, name
+    else:
+        assert rel_err(out_grad, ref_grad) <= tol, name
+
+
+SHAPES = [(1, 1), (1, 17), (1, 768), (1, 1600), (1000, 17), (37, 768), (5, 1600), (2, 3, 100)]
+# float32 on every shape; the half types on all but the 1000-row one (interpreter time).
+CASES = [(shape, torch.float32) for shape in SHAPES] + [
+    (shape, dtype) for dtype in (torch.float16, torch.bfloat16) for shape in SHAPES if shape[0] != 1000]
+
+
+@pytest.mark.parametrize("shape,dtype", CASES, ids=str)
+def test_layer_norm_forward_and_backward_match_float64(shape, dtype):
+    x, w, b, dy = _inputs(shape, dtype)
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = ops.layer_norm(*leaves, 1e-5)
+    y.backward(dy)
+    ref, ref_grads = _reference_grads(lambda x, w, b: F.layer_norm(x, (shape[-1],), w, b, 1e-5), (x, w, b), dy)
+    assert y.dtype == dtype and y.shape == shape
+    assert rel_err(y, ref) <= fwd_tol
+    for leaf, ref_grad, name in zip(leaves, ref_grads, ("dx", "dw", "db")):
+        assert leaf.grad.dtype == dtype
+        _check_grad(leaf.grad, ref_grad, grad_tol, name)
+    assert ops.dispatch_counts == {("layer_norm", "triton"): 1}
+
+
+@pytest.mark.parametrize("layout", ["strided rows", "strided columns", "transposed leading dims"])
+def test_layer_norm_handles_non_contiguous_inputs(layout):
+    base, w, b, dy = _inputs((6, 4, 80), torch.float32, seed=1)
+    x = {"strided rows": base[:, :, :33],            # row stride 80, width 33
+         "strided columns": base[:, :, ::2],          # column stride 2
+         "transposed leading dims": base.transpose(0, 1)}[layout]
+    assert not x.is_contiguous()
+    n = x.shape[-1]
+    w, b = w[:n], b[:n]
+    dy = torch.randn(x.shape, device=DEVICE)
+    x = x.detach().requires_grad_()
+    y = ops.layer_norm(x, w, b, 1e-5)
+    y.backward(dy)
+    ref, (ref_dx,) = _reference_grads(lambda x: F.layer_norm(x, (n,), w.double(), b.double(), 1e-5), (x,), dy)
+    assert rel_err(y, ref) <= 1e-5 and rel_err(x.grad, ref_dx) <= 1e-4
+
+
+def _keep_mask(shape, dtype, p, torch_seed):
+    """The kernel's keep-mask for this shape and torch seed, reproduced by running it
+    again (same seed, same element offsets) on x = 0, branch = 1: h = keep / (1 − p)."""
+    torch.manual_seed(torch_seed)
+    h, _ = ops.dropout_add_layer_norm(torch.zeros(shape, dtype=dtype, device=DEVICE),
+                                      torch.ones(shape, dtype=dtype, device=DEVICE),
+                                      torch.ones(shape[-1], dtype=dtype, device=DEVICE),
+                                      torch.zeros(shape[-1], dtype=dtype, device=DEVICE), 1e-5, p)
+    ops.dispatch_counts[("dropout_add_layer_norm", "triton")] -= 1  # not the call under test
+    return (h != 0).to(torch.float64)
+
+
+def _dropout_add_reference(x, branch, w, b, keep, p):
+    scale = 1.0 / (1.0 - p) if p > 0 else 1.0
+    h = x + branch * keep * scale
+    return h, F.layer_norm(h, (h.shape[-1],), w, b, 1e-5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("shape,dtype", [((3, 17), torch.float32), ((2, 9, 768), torch.float32),
+                                         ((64, 1600), torch.float32), ((4, 100), torch.float16),
+                                         ((4, 100), torch.bfloat16)], ids=str)
+def test_dropout_add_layer_norm_matches_the_reference_with_its_keep_mask(shape, dtype, p):
+    x, w, b, dy = _inputs(shape, dtype, seed=2)
+    branch, _, _, dh = _inputs(shape, dtype, seed=3)
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    leaves = [t.clone().requires_grad_() for t in (x, branch, w, b)]
+    torch.manual_seed(11)
+    h, y = ops.dropout_add_layer_norm(*leaves, 1e-5, p)
+    (h.float() * dh.float()).sum().add((y.float() * dy.float()).sum()).backward()
+    keep = _keep_mask(shape, dtype, p, torch_seed=11)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, branch, w, b)]
+    h_ref, y_ref = _dropout_add_reference(*leaves64, keep.to(DEVICE), p)
+    (h_ref * dh.double()).sum().add((y_ref * dy.double()).sum()).backward()
+    assert rel_err(h, h_ref) <= fwd_tol and rel_err(y, y_ref) <= fwd_tol
+    for leaf, ref_leaf, name in zip(leaves, leaves64, ("dx", "dbranch", "dw", "db")):
+        _check_grad(leaf.grad, ref_leaf.grad, grad_tol, name)
+    if p > 0:
+        assert torch.all(leaves[1].grad[keep == 0] == 0), "backward must drop exactly what forward dropped"
+    assert ops.dispatch_counts == {("dropout_add_layer_norm", "triton"): 1}
+
+
+def test_dropout_keep_rate_and_reproducibility():
+    n, p = 200 * 500, 0.25
+    x = torch.zeros(200, 500, device=DEVICE)
+    branch = torch.ones(200, 500, device=DEVICE)
+    w, b = torch.ones(500, device=DEVICE), torch.zeros(500, device=DEVICE)
+    torch.manual_seed(0)
+    h1, _ = ops.dropout_add_layer_norm(x, branch, w, b, 1e-5, p)
+    torch.manual_seed(0)
+    h2, _ = ops.dropout_add_layer_norm(x, branch, w, b, 1e-5, p)
+    h3, _ = ops.dropout_add_layer_norm(x, branch, w, b, 1e-5, p)
+    kept = (h1 != 0).double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(kept - (1 - p)) < 5 * sigma, f"keep rate {kept:.4f}, expected {1 - p} ± {5 * sigma:.4f}"
+    assert torch.equal(h1, h2), "same torch seed, same mask"
+    assert not torch.equal(h1, h3), "next draw, new mask"
+    assert torch.allclose(h1[h1 != 0], torch.full_like(h1[h1 != 0], 1 / (1 - p)))
+    # Rows must not repeat one pattern (the offset includes the row).
+    assert not torch.equal(h1[0], h1[1])
+
+
+def test_unsupported_cases_are_refused_when_forced():
+    x = torch.randn(2, 5000, device=DEVICE)
+    with pytest.raises(fastgpt.BackendError, match="hidden size 5000"):
+        ops.layer_norm(x, torch.ones(5000, device=DEVICE), torch.zeros(5000, device=DEVICE))
+    with pytest.raises(fastgpt.BackendError, match="dtype torch.float64"):
+        ops.layer_norm(x[:, :8].double(), torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE))
+
+
+def test_custom_ops_pass_torch_library_opcheck():
+    from fastgpt.kernels import layer_norm  # noqa: F401  (registers the ops)
+    x, w, b, _ = _inputs((3, 24), torch.float32, seed=5)
+    branch = torch.randn(3, 24, device=DEVICE)
+    args = [t.requires_grad_() for t in (x, w, b)]
+    torch.library.opcheck(torch.ops.fastgpt.layer_norm.default, (*args, 1e-5))
+    seed = torch.tensor([1234])
+    torch.library.opcheck(torch.ops.fastgpt.dropout_add_layer_norm.default,
+                          (x, branch.requires_grad_(), w, b, 1e-5, 0.0, seed))
