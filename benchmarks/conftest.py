@@ -36,7 +36,8 @@ def pytest_configure(config):
         raise pytest.UsageError("--full is the GPU sweep and needs a CUDA device; without one the suites run "
                                 "their small CPU sizes")
     models.SETTINGS.full = full
-    models.SETTINGS.mode = ("gpu-full" if full else "gpu") if ON_GPU else "cpu"
+    models.SETTINGS.mode = (("GPU, full sweep (--full)" if full else "GPU, quick sizes (no --full)") if ON_GPU
+                            else "CPU, small sizes")
     if config.getoption("--compile-backend"):
         models.SETTINGS.compile_backend = config.getoption("--compile-backend")
     peak = config.getoption("--peak-tflops")

@@ -10,6 +10,11 @@ from .dummy_model import DummyGPTModel
 from .model import GELU, FeedForward, GPTModel, LayerNorm, MultiHeadAttention, TransformerBlock
 from .ops import BackendError, get_backend, set_backend, use_backend
 from .stats import memory_size_mb, parameter_count
+from .kv_cache import KVCache
+from .generation import generate, generate_stream, generate_text_simple
+from .tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
+from .checkpoints import from_pretrained, save_pretrained
+from .weights import CheckpointError
 
 __version__ = "0.1.0"
 
@@ -18,4 +23,7 @@ __all__ = [
     "LayerNorm", "GELU", "FeedForward", "MultiHeadAttention", "TransformerBlock",
     "set_backend", "get_backend", "use_backend", "BackendError", "ops",
     "parameter_count", "memory_size_mb",
+    "KVCache", "generate", "generate_stream", "generate_text_simple",
+    "get_tokenizer", "text_to_token_ids", "token_ids_to_text",
+    "from_pretrained", "save_pretrained", "CheckpointError",
 ]

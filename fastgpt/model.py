@@ -15,6 +15,8 @@ import torch.nn as nn
 
 from . import ops
 from .config import validate_config
+from .few_row_matmul import apply_linear, few_row_linear, plain_linear
+from .kv_cache import KVCache
 
 
 class LayerNorm(nn.Module):
@@ -47,7 +49,10 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        # layers[0] + layers[1] as one op, so the Triton path can fuse the bias
+        # add into the activation; the parameters stay where the seed keeps them.
+        expand, _, project = self.layers
+        return project(ops.linear_gelu(x, expand.weight, expand.bias))
 
 
 def causal_mask(context_length: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -83,7 +88,32 @@ class MultiHeadAttention(nn.Module):
     def mask(self) -> torch.Tensor:
         """The seed's mask buffer, built on demand (fastgpt stores no copy of it)."""
         weight = self.out_proj.weight
+        if weight.is_meta:  # shape only; triu on meta tensors would import torch._dynamo
+            return torch.empty(self.context_length, self.context_length, dtype=weight.dtype, device="meta")
         return causal_mask(self.context_length, dtype=weight.dtype, device=weight.device)
+
+    def fused_qkv(self):
+        """(weight, bias) of one (3·d_out, d_in) projection computing query, key and value, or None.
+
+        Available when W_query, W_key and W_value are side-by-side views of one
+        buffer, as ``from_pretrained`` lays them out (GPT-2's own fused c_attn):
+        then one matmul reads all three, which is faster than three when
+        generating one token at a time. The result views that buffer (no copy).
+        Used only where no gradient is recorded: autograd would not route one
+        back to the three parameters.
+        """
+        projections = self.W_query, self.W_key, self.W_value
+        if not all(plain_linear(p) for p in projections):
+            return None  # a wrapped layer (LoRA, ...) computes more than its weight
+        weights = tuple(p.weight for p in projections)
+        weight = side_by_side_view(weights, self.d_out, dim=0)
+        if weight is None:
+            return None
+        biases = self.W_query.bias, self.W_key.bias, self.W_value.bias
+        if biases[0] is None:
+            return weight, None
+        bias = side_by_side_view(biases, self.d_out, dim=0)
+        return None if bias is None else (weight, bias)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # Where the seed's persistent buffer would be saved: before the child
@@ -92,18 +122,46 @@ class MultiHeadAttention(nn.Module):
         destination[prefix + "mask"] = self.mask
 
     def forward(self, x: torch.Tensor, layer_cache=None) -> torch.Tensor:
-        if layer_cache is not None:
-            raise NotImplementedError("KV-cache attention is not implemented yet")
+        """x: (batch, tokens, d_in). With ``layer_cache`` (a ``LayerKVCache``), x holds
+        the newest tokens only: their keys and values are stored, and their
+        queries attend over every position cached so far."""
         b, num_tokens, _ = x.shape
         # (b, T, d_out) -> (b, heads, T, head_dim): a strided view, no copy.
         def heads(t):
             return t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
-        queries, keys, values = heads(self.W_query(x)), heads(self.W_key(x)), heads(self.W_value(x))
+        # The fused view is found by comparing storage pointers, which torch.compile
+        # cannot trace; compiled graphs fuse the three matmuls themselves.
+        eager_inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        fused = self.fused_qkv() if eager_inference else None
+        if fused is None:
+            queries, keys, values = heads(self.W_query(x)), heads(self.W_key(x)), heads(self.W_value(x))
+        else:  # one matmul for all three projections
+            qkv = few_row_linear(x, *fused)
+            queries, keys, values = (heads(t) for t in qkv.split(self.d_out, dim=-1))
         dropout_p = self.dropout.p if self.training else 0.0
-        context = ops.causal_attention(queries, keys, values, dropout_p=dropout_p)
+        if layer_cache is None:
+            context = ops.causal_attention(queries, keys, values, dropout_p=dropout_p)
+        else:
+            keys, values = layer_cache.append(keys, values)
+            context = ops.cached_attention(queries, keys, values, dropout_p=dropout_p)
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
-        return self.out_proj(context)
+        return apply_linear(self.out_proj, context)
+
+
+def side_by_side_view(parts, size: int, dim: int):
+    """The tensor that ``parts`` (equal views of one storage, ``size`` apart along ``dim``) tile, else None."""
+    first = parts[0]
+    step = first.stride(dim) * size
+    storage = first.untyped_storage().data_ptr()
+    for i, part in enumerate(parts):
+        if (part.shape != first.shape or part.stride() != first.stride() or part.dtype != first.dtype
+                or part.untyped_storage().data_ptr() != storage
+                or part.storage_offset() != first.storage_offset() + i * step):
+            return None
+    shape = list(first.shape)
+    shape[dim] *= len(parts)
+    return first.as_strided(shape, first.stride())
 
 
 def _accept_mask(module: MultiHeadAttention, state_dict, prefix, local_metadata, strict,
@@ -141,9 +199,12 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, layer_cache=None) -> torch.Tensor:
         # layer_cache: this block's slice of a generation KV cache, or None.
-        x = x + self.drop_shortcut(self.att(self.norm1(x), layer_cache))
-        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
-        return x
+        dropout_p = self.drop_shortcut.p if self.training else 0.0
+        # x + dropout(attention) and norm2 of it, fused: one read of the residual
+        # stream and the branch, one write of each result.
+        x, normed = ops.dropout_add_layer_norm(x, self.att(self.norm1(x), layer_cache),
+                                               self.norm2.scale, self.norm2.shift, self.norm2.eps, dropout_p)
+        return x + self.drop_shortcut(self.ff(normed))
 
 
 def check_token_ids(in_idx, vocab_size: int, context_length: int, device: torch.device) -> None:
@@ -190,12 +251,52 @@ class GPTModel(nn.Module):
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
 
-    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, in_idx: torch.Tensor, *, kv_cache=None, last_logits_only: bool = False) -> torch.Tensor:
+        """Logits (batch, seq_len, vocab_size) for token ids (batch, seq_len).
+
+        Keyword-only extras for generation; the defaults are the seed's forward:
+
+        * ``kv_cache``: a ``fastgpt.KVCache``. ``in_idx`` then holds the tokens
+          that follow the ``kv_cache.length`` positions already cached; they sit
+          at positions ``length .. length + seq_len - 1`` and are cached in turn.
+        * ``last_logits_only``: compute the final norm and output head for the
+          last position only, returning (batch, 1, vocab_size).
+        """
         check_token_ids(in_idx, self.cfg["vocab_size"], self.cfg["context_length"], self.tok_emb.weight.device)
+        if kv_cache is not None:
+            if not isinstance(kv_cache, KVCache):
+                raise TypeError(f"kv_cache must be a fastgpt.KVCache or None, got {type(kv_cache).__name__}")
+            kv_cache.check_fits(self.cfg, in_idx.shape[0], in_idx.shape[1])
+        return self._logits(in_idx, kv_cache, last_logits_only)
+
+    def _logits(self, in_idx: torch.Tensor, kv_cache=None, last_logits_only: bool = False) -> torch.Tensor:
+        # forward() without the argument checks: generation checks its inputs
+        # once, then calls this for every token without a device sync per call.
         seq_len = in_idx.shape[1]
+        start = 0 if kv_cache is None else kv_cache.length
         tok_embeds = self.tok_emb(in_idx)
-        pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))
+        pos_embeds = self.pos_emb(torch.arange(start, start + seq_len, device=in_idx.device))
         x = self.drop_emb(tok_embeds + pos_embeds)
-        x = self.trf_blocks(x)
+        if kv_cache is None:
+            x = self.trf_blocks(x)
+        else:
+            for block, layer_cache in zip(self.trf_blocks, kv_cache.layers):
+                x = block(x, layer_cache)
+            kv_cache.length = start + seq_len  # only once every layer has stored its part
+        if last_logits_only:
+            x = x[:, -1:, :]
         x = self.final_norm(x)
-        return self.out_head(x)
+        return apply_linear(self.out_head, x)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "GPTModel":
+        """Load GPT-2 weights from disk; see ``fastgpt.from_pretrained`` for the formats."""
+        from .checkpoints import from_pretrained
+
+        return from_pretrained(path, model_class=cls, **kwargs)
+
+    def save_pretrained(self, directory) -> None:
+        """Write config.json + model.safetensors, readable by fastgpt and by transformers' GPT-2."""
+        from .checkpoints import save_pretrained
+
+        save_pretrained(self, directory)

@@ -1,7 +1,9 @@
 """Dispatch: one function per fused operation, each choosing Triton or eager PyTorch.
 
 The model calls only the functions at the bottom of this file (``layer_norm``,
-``gelu``, ``causal_attention``). Each one picks a path:
+``gelu``, ``causal_attention``, the fusions ``linear_gelu`` and
+``dropout_add_layer_norm``, and ``cached_attention`` for KV-cache generation).
+Each one picks a path:
 
 * ``auto`` (default): the Triton kernel when Triton imports, the tensor is on a
   CUDA device and the kernel supports the case; eager PyTorch otherwise.
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "triton", "eager")
-OPS = ("layer_norm", "gelu", "causal_attention")
+OPS = ("layer_norm", "gelu", "causal_attention", "linear_gelu", "dropout_add_layer_norm", "cached_attention")
 ENV_VAR = "FASTGPT_BACKEND"
 
 
@@ -142,9 +144,16 @@ class TritonKernel:
     supports: Callable[..., Optional[str]] = lambda *args, **kwargs: None
 
 
-# op -> "module:attribute" of a TritonKernel under fastgpt.kernels, imported on
-# first use. Kernels land here as they are written.
-_KERNEL_LOCATIONS: dict[str, str] = {}
+# op -> (module, run function, supports function) of its Triton implementation,
+# imported on first use (importing a kernel module imports Triton).
+_KERNEL_LOCATIONS: dict[str, tuple[str, str, str]] = {
+    "layer_norm": ("fastgpt.kernels.layer_norm", "layer_norm", "supports"),
+    "dropout_add_layer_norm": ("fastgpt.kernels.layer_norm", "dropout_add_layer_norm", "supports_dropout_add"),
+    "gelu": ("fastgpt.kernels.gelu", "gelu", "supports"),
+    "linear_gelu": ("fastgpt.kernels.gelu", "linear_gelu", "supports_linear_gelu"),
+    "causal_attention": ("fastgpt.kernels.attention", "causal_attention", "supports"),
+    "cached_attention": ("fastgpt.kernels.decode_attention", "decode_attention", "supports"),
+}
 _kernels: dict[str, TritonKernel] = {}
 
 
@@ -156,6 +165,11 @@ def register_triton_kernel(op: str, kernel: Optional[TritonKernel]) -> None:
         _KERNEL_LOCATIONS.pop(op, None)
     else:
         _kernels[op] = kernel
+
+
+def ops_with_triton_kernels() -> tuple[str, ...]:
+    """The ops that have a Triton implementation (whether or not Triton imports here)."""
+    return tuple(op for op in OPS if op in _kernels or op in _KERNEL_LOCATIONS)
 
 
 def triton_status() -> Optional[str]:
@@ -176,9 +190,9 @@ _triton_status = _UNKNOWN
 
 def _triton_kernel(op: str) -> Optional[TritonKernel]:
     if op not in _kernels and op in _KERNEL_LOCATIONS:
-        module_name, attribute = _KERNEL_LOCATIONS[op].split(":")
+        module_name, run, supports = _KERNEL_LOCATIONS[op]
         module = importlib.import_module(module_name)
-        _kernels[op] = getattr(module, attribute)
+        _kernels[op] = TritonKernel(run=getattr(module, run), supports=getattr(module, supports))
     return _kernels.get(op)
 
 
@@ -188,6 +202,8 @@ def _interpreter_on() -> bool:
 
 def select_path(op: str, x: torch.Tensor, *args, **kwargs) -> tuple[str, Optional[TritonKernel]]:
     """Decide ``"triton"`` or ``"eager"`` for one call of ``op`` on ``x``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: expected a torch.Tensor, got {type(x).__name__}")
     backend = get_backend(op)
     if backend == "eager":
         return "eager", None
@@ -222,6 +238,17 @@ def select_path(op: str, x: torch.Tensor, *args, **kwargs) -> tuple[str, Optiona
 
 
 # ---------------------------------------------------------------- the ops
+#
+# Values are not checked for NaN or inf (that would cost a device sync per
+# call): they flow into the outputs that depend on them, as in eager PyTorch.
+
+def _check_dropout(op: str, p) -> None:
+    # Both paths need p in [0, 1): the kernels scale what they keep by 1 / (1 - p).
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{op}: dropout_p must be a float, got {type(p).__name__}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {p}")
+
 
 def layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim: scale * (x - mean) / sqrt(var + eps) + shift, biased var."""
@@ -229,7 +256,7 @@ def layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: f
     _record("layer_norm", path)
     if kernel is not None:
         return kernel.run(x, scale, shift, eps)
-    return F.layer_norm(x, (x.shape[-1],), scale, shift, eps)
+    return F.layer_norm(x, x.shape[-1:], scale, shift, eps)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -241,6 +268,36 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(x @ weightᵀ + bias), the FeedForward's first Linear and its activation.
+
+    Eager: one addmm (bias included) then GELU. Triton: the matmul without bias,
+    then bias add + GELU fused in one pass over memory.
+    """
+    path, kernel = select_path("linear_gelu", x, weight, bias)
+    _record("linear_gelu", path)
+    if kernel is not None:
+        return kernel.run(x, weight, bias)
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def dropout_add_layer_norm(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                           eps: float = 1e-5, dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + dropout(branch) and LayerNorm(h): the residual add feeding the next norm.
+
+    Returns (h, normalised h). ``dropout_p`` applies as given: pass 0.0 at
+    inference. The Triton path reads x and branch once and writes h and the
+    normalised output once.
+    """
+    _check_dropout("dropout_add_layer_norm", dropout_p)
+    path, kernel = select_path("dropout_add_layer_norm", x, branch, scale, shift, eps, dropout_p)
+    _record("dropout_add_layer_norm", path)
+    if kernel is not None:
+        return kernel.run(x, branch, scale, shift, eps, dropout_p)
+    h = x + (F.dropout(branch, dropout_p) if dropout_p > 0.0 else branch)
+    return h, F.layer_norm(h, h.shape[-1:], scale, shift, eps)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(d) + causal mask) with dropout on the weights, times v.
 
@@ -248,8 +305,36 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     given: pass 0.0 at inference. The eager path never builds a T×T mask: it
     hands ``is_causal=True`` to PyTorch's fused attention.
     """
+    _check_dropout("causal_attention", dropout_p)
     path, kernel = select_path("causal_attention", q, k, v, dropout_p)
     _record("causal_attention", path)
     if kernel is not None:
         return kernel.run(q, k, v, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention of the newest ``q`` tokens over a longer key/value history.
+
+    q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim)
+    with kv_len >= q_len, the queries being the last q_len of the kv_len
+    positions (KV-cache decoding and chunked prefill). Query i may see keys
+    0 .. kv_len - q_len + i: the causal mask aligned bottom-right, where
+    ``causal_attention`` (equal lengths) aligns it top-left. One query token
+    sees every key, so it needs no mask at all.
+    """
+    _check_dropout("cached_attention", dropout_p)
+    path, kernel = select_path("cached_attention", q, k, v, dropout_p)
+    _record("cached_attention", path)
+    if kernel is not None:
+        return kernel.run(q, k, v, dropout_p)
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    if q_len > kv_len:
+        raise ValueError(f"cached_attention: {q_len} queries but only {kv_len} keys; "
+                         "the keys must include the queries' own positions")
+    if q_len == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if q_len == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(diagonal=kv_len - q_len)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)

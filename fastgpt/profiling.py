@@ -1,26 +1,50 @@
-"""Latency profiling of GPT-2 forward passes (first version: end-to-end timing).
+"""Latency profiling of GPT-2: what ``fastgpt profile`` runs.
 
-``profile_forward`` builds a randomly initialised GPT-2, runs warm-up passes,
-then times forward passes -- with CUDA events on a GPU, ``perf_counter`` on the
-CPU -- and reports latency, tokens/s and which path (Triton or eager) each
-dispatched op took.
+``profile(...)`` builds a randomly initialised GPT-2 of a preset size on the
+device, then measures one *mode*:
+
+* ``forward``: inference forward passes over (batch, seq_len) random token ids;
+* ``train-step``: forward, cross-entropy on the next tokens, backward and an
+  AdamW step, with dropout at the preset's rate;
+* ``generate``: greedy generation of ``new_tokens`` after a ``seq_len``-token
+  prompt with fastgpt's KV cache (prefill, time to first token, decode rate).
+
+It runs warm-up steps, times ``iters`` steps (CUDA events on a GPU,
+``perf_counter`` otherwise) while tracking peak memory, then runs up to three
+more steps under ``torch.profiler`` for the per-op table (``op_table.py``) and,
+if asked, a Chrome/Perfetto trace. Profiled steps are never the timed ones: the
+profiler's overhead stays out of the latency. ``compare(...)`` measures eager
+and Triton on the same weights and inputs in one process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
-from . import ops
-from .config import gpt2_config
+from . import flops, ops
+from .config import gpt2_config, validate_config
+from .generation import generate_stream
+from .kv_cache import KVCache
 from .model import GPTModel
+from .op_table import OpTable, build_op_table
 from .stats import parameter_count
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MODES = ("forward", "train-step", "generate")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROFILED_PASSES = 3
+LEARNING_RATE = 1e-4
 
 
 def default_device() -> torch.device:
@@ -33,48 +57,182 @@ def default_dtype(device: torch.device) -> str:
     return "float32"
 
 
-def default_seq_len(device: torch.device) -> int:
-    # Full context on a GPU; a shorter one keeps a CPU run to seconds.
-    return 1024 if device.type == "cuda" else 128
+def default_seq_len(device: torch.device, mode: str = "forward") -> int:
+    # Full context on a GPU (a prompt that leaves room for new tokens when generating);
+    # a shorter one keeps a CPU run to seconds.
+    if device.type == "cuda":
+        return 512 if mode == "generate" else 1024
+    return 128
+
+
+def default_iters(mode: str) -> int:
+    return {"forward": 10, "train-step": 5, "generate": 3}[mode]
+
+
+def default_new_tokens(device: torch.device) -> int:
+    return 128 if device.type == "cuda" else 32
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass
+class Memory:
+    peak_bytes: Optional[int]
+    before_bytes: Optional[int]
+    method: str
 
 
 @dataclass
-class ForwardProfile:
+class GenerationTimes:
+    """Per timed generate call (and per timed prefill)."""
+
+    prefill_ms: list[float]
+    first_token_ms: list[float]
+    decode_tokens_per_s: list[float]   # empty when only one new token is generated
+
+
+@dataclass
+class ProfileResult:
+    mode: str
     size: str
     device: str
+    device_name: str
     dtype: str
     backend: str
     batch: int
     seq_len: int
+    new_tokens: Optional[int]
+    warmup: int
     parameters: int
     parameters_tied: int
+    non_embedding_parameters: int
     latencies_ms: list[float]
-    paths: dict[str, dict[str, int]] = field(default_factory=dict)
+    paths: dict[str, dict[str, float]]
+    memory: Memory
+    ops: Optional[OpTable]
+    cpu_threads: int = 1
+    flops_per_token: Optional[float] = None
+    peak_tflops: Optional[float] = None
+    peak_source: Optional[str] = None
+    generation: Optional[GenerationTimes] = None
+    trace: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def median_ms(self) -> float:
         return statistics.median(self.latencies_ms)
 
     @property
-    def tokens_per_s(self) -> float:
+    def tokens_per_s(self) -> Optional[float]:
+        """Tokens processed per second: per forward or train step, or decoded tokens when generating."""
+        if self.mode == "generate":
+            rates = self.generation.decode_tokens_per_s
+            return statistics.median(rates) if rates else None
         return self.batch * self.seq_len / (self.median_ms / 1000)
 
+    @property
+    def achieved_tflops(self) -> Optional[float]:
+        if self.flops_per_token is None:
+            return None
+        return self.tokens_per_s * self.flops_per_token / 1e12
+
+    @property
+    def mfu(self) -> Optional[float]:
+        if self.flops_per_token is None:
+            return None
+        return flops.mfu(self.tokens_per_s, self.flops_per_token, self.peak_tflops)
+
+    def to_dict(self) -> dict:
+        gen = self.generation
+        return {
+            "mode": self.mode, "backend": self.backend, "size": self.size,
+            "device": self.device, "device_name": self.device_name, "cpu_threads": self.cpu_threads,
+            "dtype": self.dtype,
+            "batch": self.batch, "seq_len": self.seq_len, "new_tokens": self.new_tokens,
+            "warmup": self.warmup, "iters": len(self.latencies_ms),
+            "parameters": self.parameters, "parameters_tied": self.parameters_tied,
+            "non_embedding_parameters": self.non_embedding_parameters,
+            "paths_per_pass": self.paths,
+            "latency_ms": {"median": self.median_ms, "min": min(self.latencies_ms),
+                           "max": max(self.latencies_ms), "all": self.latencies_ms},
+            "tokens_per_s": self.tokens_per_s,
+            "flops_per_token": self.flops_per_token, "achieved_tflops": self.achieved_tflops,
+            "peak_tflops": self.peak_tflops, "peak_source": self.peak_source, "mfu": self.mfu,
+            "memory": {"peak_bytes": self.memory.peak_bytes, "before_bytes": self.memory.before_bytes,
+                       "method": self.memory.method},
+            "generation": None if gen is None else {
+                "prefill_ms_median": statistics.median(gen.prefill_ms),
+                "first_token_ms_median": statistics.median(gen.first_token_ms),
+                "decode_tokens_per_s_median": statistics.median(gen.decode_tokens_per_s)
+                if gen.decode_tokens_per_s else None,
+                "prefill_ms": gen.prefill_ms, "first_token_ms": gen.first_token_ms,
+                "decode_tokens_per_s": gen.decode_tokens_per_s,
+            },
+            "ops": self.ops.to_dict() if self.ops else None,
+            "trace": self.trace, "notes": self.notes,
+        }
+
     def format(self) -> str:
-        lat = self.latencies_ms
-        paths = ", ".join(f"{op} {'+'.join(f'{p}×{n}' for p, n in sorted(by_path.items()))}"
-                          for op, by_path in self.paths.items())
-        return "\n".join([
-            f"model      {self.size}, random weights, {self.parameters / 1e6:.1f}M parameters "
-            f"({self.parameters_tied / 1e6:.1f}M with the output head tied)",
-            f"device     {self.device}, {self.dtype}, backend {self.backend}",
-            f"paths      {paths}",
-            f"input      batch {self.batch} × seq_len {self.seq_len}, {len(lat)} timed forward passes",
-            f"latency    median {self.median_ms:.2f} ms  (min {min(lat):.2f}, max {max(lat):.2f})",
-            f"throughput {self.tokens_per_s:,.0f} tokens/s",
-        ])
+        from .profile_format import format_result
+
+        return format_result(self)
 
 
-def _time_once(fn, device: torch.device) -> float:
+@dataclass
+class Comparison:
+    """Eager and Triton runs of one workload; speed-ups are eager time / Triton time."""
+
+    eager: ProfileResult
+    triton: ProfileResult
+
+    def speedup(self, eager_value: Optional[float], triton_value: Optional[float]) -> Optional[float]:
+        if not eager_value or not triton_value:
+            return None
+        return eager_value / triton_value
+
+    def to_dict(self) -> dict:
+        groups = {}
+        for group in self.eager.ops.groups if self.eager.ops else []:
+            other = self.triton.ops.group(group.name) if self.triton.ops else None
+            groups[group.name] = self.speedup(group.ms, other.ms if other else None)
+        return {"latency": self.speedup(self.eager.median_ms, self.triton.median_ms), "op_groups": groups}
+
+    def format(self) -> str:
+        from .profile_format import format_comparison
+
+        return format_comparison(self)
+
+
+def report_json(results: list[ProfileResult], comparison: Optional[Comparison] = None) -> dict:
+    """The machine-readable report ``fastgpt profile --json`` writes."""
+    from . import __version__
+
+    return {
+        "tool": "fastgpt profile", "fastgpt_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__, "triton_version": _triton_version(),
+        "python_version": platform.python_version(),
+        "runs": [r.to_dict() for r in results],
+        "speedup_eager_over_triton": comparison.to_dict() if comparison else None,
+    }
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+    except Exception:  # not installed, or broken: the report still works
+        return None
+    return triton.__version__
+
+
+# ---------------------------------------------------------------- measuring
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -84,63 +242,322 @@ def _time_once(fn, device: torch.device) -> float:
         return start.elapsed_time(end)
     begin = time.perf_counter()
     fn()
+    _synchronize(device)
     return (time.perf_counter() - begin) * 1000
 
 
-def profile_forward(
-    size: str = "gpt2-small",
-    batch: int = 1,
-    seq_len: Optional[int] = None,
-    dtype: Optional[str] = None,
-    backend: str = "auto",
-    device: Optional[str] = None,
-    warmup: int = 2,
-    iters: int = 10,
-    seed: int = 123,
-    log=None,
-) -> ForwardProfile:
-    """Time ``iters`` inference forward passes of a random GPT-2 of the given size."""
-    dev = torch.device(device) if device else default_device()
-    if dev.type == "cuda" and not torch.cuda.is_available():
+def _proc_status_bytes(field_name: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class _PeakMemory:
+    """Peak memory over a window: CUDA's allocator peak, or the process's peak RSS on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated, weights included"
+            return
+        # Linux lets a process reset its RSS high-water mark (VmHWM) to the current RSS.
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")
+            self.before = _proc_status_bytes("VmRSS")
+            self.method = "process RSS high-water mark over the timed steps, Linux VmHWM"
+        except OSError:
+            self.before = None
+            self.method = "process RSS high-water mark since it started, ru_maxrss"
+
+    def stop(self) -> Memory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return Memory(torch.cuda.max_memory_allocated(self.device), self.before, self.method)
+        if self.before is not None:
+            return Memory(_proc_status_bytes("VmHWM"), self.before, self.method)
+        try:
+            import resource
+        except ImportError:  # Windows
+            return Memory(None, None, "not measured on this platform")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return Memory(peak if sys.platform == "darwin" else peak * 1024, None, self.method)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Hide what the profiler's C++ side prints to fd 2 when it starts and stops (not our progress)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+# ---------------------------------------------------------------- the workloads
+
+class _Workload:
+    """One mode's step on one model and input: what each timed or profiled pass runs."""
+
+    def __init__(self, mode: str, model: GPTModel, idx: torch.Tensor, new_tokens: Optional[int],
+                 device: torch.device):
+        self.mode, self.model, self.idx, self.new_tokens, self.device = mode, model, idx, new_tokens, device
+        if mode == "train-step":
+            model.train()
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+            # The next token as the target, as in language-model training.
+            self.targets = torch.roll(idx, -1, dims=1)
+        else:
+            model.eval()
+
+    def step(self) -> Optional[tuple[float, float]]:
+        """One pass. Generation returns (ms to the first token, ms for the whole call)."""
+        if self.mode == "forward":
+            with torch.inference_mode():
+                self.model(self.idx)
+        elif self.mode == "train-step":
+            logits = self.model(self.idx)
+            loss = F.cross_entropy(logits.flatten(0, 1), self.targets.flatten())
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            return self._generate()
+        return None
+
+    def _generate(self) -> tuple[float, float]:
+        begin = time.perf_counter()
+        stream = generate_stream(self.model, self.idx, self.new_tokens, self.model.cfg["context_length"])
+        next(stream)
+        _synchronize(self.device)
+        first = time.perf_counter()
+        for _ in stream:
+            pass
+        _synchronize(self.device)
+        end = time.perf_counter()
+        return (first - begin) * 1000, (end - begin) * 1000
+
+    def prefill(self) -> None:
+        """The prompt into an empty KV cache, last position's logits only: generation's first forward."""
+        with torch.inference_mode():
+            cache = KVCache.for_model(self.model, self.idx.shape[0], max_len=self.idx.shape[1])
+            self.model(self.idx, kv_cache=cache, last_logits_only=True)
+
+
+def _check_options(mode, cfg, batch, seq_len, new_tokens, dtype, device, warmup, iters, peak_tflops, trace):
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
-    dtype = dtype or default_dtype(dev)
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
-    cfg = gpt2_config(size, drop_rate=0.0)
-    seq_len = seq_len or default_seq_len(dev)
-    if not 1 <= seq_len <= cfg["context_length"]:
-        raise ValueError(f"seq_len must be in [1, {cfg['context_length']}] (the context length), got {seq_len}")
+    context = cfg["context_length"]
+    if not 1 <= seq_len <= context:
+        raise ValueError(f"seq_len must be in [1, {context}] (the context length), got {seq_len}")
     if batch < 1 or iters < 1 or warmup < 0:
         raise ValueError(f"need batch >= 1, iters >= 1, warmup >= 0; got {batch}, {iters}, {warmup}")
+    if mode == "generate":
+        if new_tokens < 1:
+            raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+        if seq_len + new_tokens - 1 > context:
+            raise ValueError(f"a {seq_len}-token prompt and {new_tokens} new tokens need {seq_len + new_tokens - 1} "
+                             f"cache positions, more than the context length {context}; "
+                             f"shorten the prompt (seq_len) or generate fewer tokens")
+    elif new_tokens is not None:
+        raise ValueError(f"new_tokens applies to mode 'generate' only, not {mode!r}")
+    if peak_tflops is not None and not peak_tflops > 0:
+        raise ValueError(f"peak_tflops must be > 0, got {peak_tflops}")
+    if trace is not None and not Path(trace).resolve().parent.is_dir():
+        raise ValueError(f"cannot write the trace to {trace}: its folder does not exist")
 
+
+def profile(size: str = "gpt2-small", batch: int = 1, seq_len: Optional[int] = None, dtype: Optional[str] = None,
+            backend: str = "auto", device: Optional[str] = None, mode: str = "forward",
+            new_tokens: Optional[int] = None, warmup: int = 2, iters: Optional[int] = None, seed: int = 123,
+            peak_tflops: Optional[float] = None, trace: Optional[str] = None, log=None,
+            profile_ops: bool = True, config: Optional[dict] = None) -> ProfileResult:
+    """Measure one mode of a random GPT-2 of the given size; see the module docstring.
+
+    ``config``: a GPTModel config dict to use instead of the preset ``size``
+    (its ``drop_rate`` applies to train steps).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    dev = torch.device(device) if device else default_device()
+    dtype = dtype or default_dtype(dev)
+    if config is not None:
+        validate_config(config)
+        size = "custom"
+    preset = dict(config) if config is not None else gpt2_config(size)
+    if seq_len is None:
+        seq_len = min(default_seq_len(dev, mode), preset["context_length"])
+    iters = default_iters(mode) if iters is None else iters
+    if mode == "generate" and new_tokens is None:
+        new_tokens = min(default_new_tokens(dev), preset["context_length"] - seq_len + 1)
+    _check_options(mode, preset, batch, seq_len, new_tokens, dtype, dev, warmup, iters, peak_tflops, trace)
+    ops._check_backend(backend)
     log = log or (lambda message: None)
+
+    cfg = {**preset, "drop_rate": preset["drop_rate"] if mode == "train-step" else 0.0}
     log(f"building {size} on {dev} ({dtype}) ...")
     torch.manual_seed(seed)
     with torch.device(dev):
         model = GPTModel(cfg)
-    model = model.to(_DTYPES[dtype]).eval()
+    model = model.to(DTYPES[dtype])
     generator = torch.Generator(device="cpu").manual_seed(seed)
     idx = torch.randint(0, cfg["vocab_size"], (batch, seq_len), generator=generator).to(dev)
+    work = _Workload(mode, model, idx, new_tokens, dev)
+    memory = _PeakMemory(dev)
+    noun = {"forward": "pass", "train-step": "step", "generate": "generate call"}[mode]
 
-    with ops.use_backend(backend), torch.inference_mode():
-        def forward():
-            model(idx)
-
+    with ops.use_backend(backend):
         for i in range(warmup):
             log(f"warm-up {i + 1}/{warmup}")
-            _time_once(forward, dev)
+            work.step()
+        _synchronize(dev)
+        memory.start()
         ops.reset_dispatch_counts()
-        latencies = []
+        latencies, first_token, decode_rates = [], [], []
         for i in range(iters):
-            latencies.append(_time_once(forward, dev))
-            log(f"pass {i + 1}/{iters}: {latencies[-1]:.2f} ms")
+            if mode == "generate":
+                ttft, total = work.step()
+                latencies.append(total)
+                first_token.append(ttft)
+                if new_tokens > 1:
+                    decode_rates.append(batch * (new_tokens - 1) / ((total - ttft) / 1000))
+                log(f"{noun} {i + 1}/{iters}: first token {ttft:.2f} ms, {new_tokens} tokens in {total:.2f} ms")
+            else:
+                latencies.append(_time_ms(work.step, dev))
+                log(f"{noun} {i + 1}/{iters}: {latencies[-1]:.2f} ms")
+        paths = {op: {path: count / iters for path, count in sorted(by_path.items())}
+                 for op, by_path in _paths_by_op(ops.dispatch_counts).items()}
+        prefill_ms = []
+        if mode == "generate":
+            for i in range(iters):
+                prefill_ms.append(_time_ms(work.prefill, dev))
+                log(f"prefill {i + 1}/{iters}: {prefill_ms[-1]:.2f} ms")
+        peak = memory.stop()
+        table = None
+        if profile_ops or trace:
+            table = _profile_ops(work, dev, min(iters, PROFILED_PASSES), mode, trace, log)
 
-    paths: dict[str, dict[str, int]] = {}
-    for (op, path), count in sorted(ops.dispatch_counts.items()):
-        paths.setdefault(op, {})[path] = count // iters
-    return ForwardProfile(
-        size=size, device=str(torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev),
-        dtype=dtype, backend=backend, batch=batch, seq_len=seq_len,
-        parameters=parameter_count(model),
-        parameters_tied=parameter_count(model, exclude_output_head=True), latencies_ms=latencies, paths=paths,
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    result = ProfileResult(
+        mode=mode, size=size, device=str(dev), device_name=device_name, dtype=dtype, backend=backend,
+        batch=batch, seq_len=seq_len, new_tokens=new_tokens if mode == "generate" else None, warmup=warmup,
+        parameters=parameter_count(model), parameters_tied=parameter_count(model, exclude_output_head=True),
+        non_embedding_parameters=flops.non_embedding_parameters(cfg), latencies_ms=latencies, paths=paths,
+        memory=peak, ops=table, trace=trace, cpu_threads=torch.get_num_threads(),
+        generation=GenerationTimes(prefill_ms, first_token, decode_rates) if mode == "generate" else None,
     )
+    if mode != "generate":
+        result.flops_per_token = flops.flops_per_token(cfg, seq_len, training=mode == "train-step")
+        if peak_tflops is not None:
+            result.peak_tflops, result.peak_source = peak_tflops, "given"
+        elif dev.type == "cuda":
+            result.peak_tflops = flops.peak_tflops(device_name, DTYPES[dtype])
+            result.peak_source = "NVIDIA data sheet, dense" if result.peak_tflops else None
+    if dev.type != "cuda" and any("triton" in by_path for by_path in paths.values()):
+        result.notes.append("Triton ran in its CPU interpreter (TRITON_INTERPRET=1): these times check the "
+                            "path, they are not a speed")
+    if mode == "train-step" and cfg["drop_rate"] > 0:
+        result.notes.append(f"train steps use the preset's dropout ({cfg['drop_rate']}) and AdamW (lr {LEARNING_RATE})")
+    return result
+
+
+def _paths_by_op(counts) -> dict[str, dict[str, int]]:
+    by_op: dict[str, dict[str, int]] = {}
+    for (op, path), count in sorted(counts.items()):
+        by_op.setdefault(op, {})[path] = count
+    return by_op
+
+
+def _profile_ops(work: _Workload, device: torch.device, passes: int, mode: str, trace: Optional[str],
+                 log) -> OpTable:
+    from torch.profiler import ProfilerActivity, record_function
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    log(f"profiling {passes} more {'pass' if passes == 1 else 'passes'} with torch.profiler ...")
+    # Shapes make a trace readable but add overhead: record them only for a trace.
+    prof = torch.profiler.profile(activities=activities, record_shapes=trace is not None)
+    with _stderr_silenced():
+        prof.start()
+    try:
+        for _ in range(passes):
+            with record_function(f"fastgpt.{mode}"):
+                work.step()
+        _synchronize(device)
+    finally:
+        with _stderr_silenced():
+            prof.stop()
+    if trace:
+        log(f"writing the trace to {trace}")
+        prof.export_chrome_trace(trace)
+    return build_op_table(prof.events(), passes, device_time=device.type == "cuda")
+
+
+def triton_side(device: torch.device) -> str:
+    """The backend ``compare`` runs against eager on this device, or raise if Triton cannot run here."""
+    if device.type == "cuda":
+        return "auto"  # Triton wherever a kernel supports the case, eager elsewhere: fastgpt's default
+    if ops._interpreter_on():
+        return "triton"  # forced: auto never picks Triton for CPU tensors
+    raise ValueError(f"--compare needs Triton kernels that run on {device.type}: they run on CUDA GPUs, or on a "
+                     f"CPU only in Triton's interpreter (set TRITON_INTERPRET=1; correct but about 1000x slower, "
+                     f"so it checks paths, not speed)")
+
+
+def compare(log=None, **options) -> Comparison:
+    """``profile`` with the eager backend, then with Triton (``triton_side``), on the same weights and inputs."""
+    if options.get("backend", "auto") != "auto":
+        raise ValueError("compare runs the eager and Triton backends itself; do not pass a backend")
+    options.pop("backend", None)
+    log = log or (lambda message: None)
+    device = torch.device(options["device"]) if options.get("device") else default_device()
+    other = triton_side(device)
+    trace = options.pop("trace", None)
+    results = []
+    for backend in ("eager", other):
+        name = "eager" if backend == "eager" else "triton"
+        side_trace = None
+        if trace:
+            path = Path(trace)
+            side_trace = str(path.with_name(f"{path.stem}-{name}{path.suffix}"))
+        results.append(profile(backend=backend, trace=side_trace, log=lambda m, n=name: log(f"[{n}] {m}"),
+                               **options))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the second run's memory figures start from the same place
+    comparison = Comparison(*results)
+    if not any("triton" in by_path for by_path in comparison.triton.paths.values()):
+        comparison.triton.notes.append("no op took the Triton path here"
+                                       + (f" ({ops.triton_status()})" if ops.triton_status() else ""))
+    return comparison

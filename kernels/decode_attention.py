@@ -109,8 +109,12 @@ def supports(q, k, v, dropout_p=0.0) -> "str | None":
         return f"cache shape {tuple(k.shape)} does not match queries {tuple(q.shape)}"
     if not 1 <= tq <= min(BLOCK_Q, k.shape[2]):
         return f"{tq} query tokens (the decode kernel takes 1..{BLOCK_Q}, at most the cache length)"
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in _DTYPES or k.dtype not in _DTYPES or v.dtype != k.dtype:
         return f"dtypes {q.dtype}/{k.dtype}/{v.dtype}"
+    if q.dtype != k.dtype and not torch.is_autocast_enabled(q.device.type):
+        # Under autocast the queries come half precision from a Linear while the cache keeps
+        # the model's dtype; the launcher casts the (few) queries. Elsewhere eager refuses it too.
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (mixed only under autocast)"
     if d not in HEAD_DIMS:
         return f"head_dim {d} (supported: {', '.join(map(str, HEAD_DIMS))})"
     if dropout_p > 0.0:
@@ -161,7 +165,8 @@ def _(q, k, v):
 
 def decode_attention(q, k, v, dropout_p=0.0):
     """Attention of the last q_len positions over all kv_len cached ones (bottom-right causal)."""
-    return torch.ops.fastgpt.decode_attention(q, k, v)
+    # One dtype for the kernel (the compile catalogue's cases): the cache's, the queries being few.
+    return torch.ops.fastgpt.decode_attention(q.to(k.dtype), k, v).to(q.dtype)
 
 
 def compile_cases() -> list:

@@ -1,5 +1,6 @@
 """`fastgpt profile`: the main job prints its figures on a CPU-only machine, and bad options fail clearly."""
 
+import json
 import os
 import re
 import shutil
@@ -9,28 +10,86 @@ import sys
 import pytest
 import torch
 
-from fastgpt.profiling import profile_forward
+from fastgpt.profiling import profile
 
 
 def _fastgpt(*args: str, cwd) -> subprocess.CompletedProcess:
     # Run from a scratch folder so the repository root is not on sys.path.
     return subprocess.run([sys.executable, "-m", "fastgpt", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env={**os.environ, "FASTGPT_BACKEND": ""})
+                          cwd=cwd, timeout=600, env={**os.environ, "FASTGPT_BACKEND": "", "TRITON_INTERPRET": "0"})
 
 
-def test_profile_prints_latency_throughput_and_paths(tmp_path):
+def _number(pattern: str, text: str) -> float:
+    return float(re.search(pattern, text).group(1).replace(",", ""))
+
+
+def test_profile_prints_latency_throughput_paths_and_the_op_table(tmp_path):
     result = _fastgpt("profile", "--seq-len", "16", "--batch", "2", "--warmup", "1", "--iters", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "gpt2-small, random weights, 163.0M parameters (124.4M with the output head tied)" in out
-    assert "device     cpu, float32, backend auto" in out
-    assert "causal_attention eager×12, gelu eager×12, layer_norm eager×25" in out
-    assert "batch 2 × seq_len 16, 3 timed forward passes" in out
-    median = float(re.search(r"latency    median ([\d.]+) ms", out).group(1))
-    tokens_per_s = float(re.search(r"throughput ([\d,]+) tokens/s", out).group(1).replace(",", ""))
+    assert out.startswith("fastgpt profile · forward · gpt2-small, random weights\n")
+    assert ("model       163.0M parameters (124.4M with the output head tied; 123.6M in matmuls)") in out
+    assert re.search(r"device      cpu: .*, \d+ threads · float32 · backend auto", out)
+    assert ("paths       causal_attention eager×12, dropout_add_layer_norm eager×12, layer_norm eager×13, "
+            "linear_gelu eager×12  (calls per pass)") in out
+    assert "batch 2 × seq_len 16, 3 timed forward passes after 1 warm-up" in out
+    median = _number(r"latency     median ([\d.,]+) ms per pass", out)
     assert median > 0
-    assert tokens_per_s == pytest.approx(2 * 16 / (median / 1000), rel=0.01)
-    assert "pass 3/3" in result.stderr  # progress goes to stderr, figures to stdout
+    # tokens/s at the median, as printed (whole tokens/s from 100 up, one decimal below).
+    assert _number(r"throughput  ([\d.,]+) tokens/s", out) == pytest.approx(2 * 16 / (median / 1000), rel=0.01,
+                                                                          abs=0.06)
+    assert "MFU n/a on cpu: pass --peak-tflops" in out
+    assert re.search(r"memory      peak [\d,]+ MiB, [\d,]+ MiB before the timed steps", out)
+    # The per-op table: every group with its share and path; the shares add up.
+    assert "self CPU time, per pass over 3 profiled passes" in out
+    shares = {}
+    for group in ("attention", "layernorm", "gelu", "matmul", "other"):
+        line = re.search(rf"^{group} +([\d.,]+) +([\d.]+)% +(.*)$", out, re.M)
+        assert line, f"no {group} row in\n{out}"
+        shares[group] = float(line.group(2))
+    assert sum(shares.values()) == pytest.approx(100, abs=0.3)
+    assert re.search(r"^attention .*causal_attention eager×12$", out, re.M)
+    assert re.search(r"^  aten::native_layer_norm +25 ", out, re.M)
+    assert re.search(r"^total +[\d.,]+ +100\.0%$", out, re.M)
+    # Progress goes to stderr, figures to stdout.
+    assert "pass 3/3" in result.stderr and "profiling 3 more passes" in result.stderr
+    assert "[fastgpt]" not in out
+
+
+def test_quiet_json_and_trace(tmp_path):
+    report, trace = tmp_path / "report.json", tmp_path / "trace.json"
+    result = _fastgpt("profile", "--seq-len", "8", "--warmup", "0", "--iters", "2", "--quiet", "--json", str(report),
+                      "--trace", str(trace), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # --quiet: no progress, and none of the profiler's own chatter either
+    data = json.loads(report.read_text())
+    run = data["runs"][0]
+    assert data["tool"] == "fastgpt profile" and run["mode"] == "forward" and run["seq_len"] == 8
+    assert len(run["latency_ms"]["all"]) == 2
+    assert run["tokens_per_s"] == pytest.approx(8 / (run["latency_ms"]["median"] / 1000))
+    assert {g["name"] for g in run["ops"]["groups"]} == {"attention", "layernorm", "gelu", "matmul", "other"}
+    assert json.loads(trace.read_text())["traceEvents"]
+    assert f"trace       {trace}" in result.stdout
+
+
+def test_json_to_stdout_replaces_the_table(tmp_path):
+    result = _fastgpt("profile", "--mode", "generate", "--seq-len", "8", "--new-tokens", "3", "--warmup", "0",
+                      "--iters", "1", "--no-ops", "--json", "-", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = json.loads(result.stdout)["runs"][0]
+    assert run["mode"] == "generate" and run["new_tokens"] == 3 and run["ops"] is None
+    assert run["generation"]["decode_tokens_per_s_median"] > 0
+    assert run["paths_per_pass"]["cached_attention"] == {"eager": 36}  # 12 layers × (prefill + 2 steps)
+
+
+def test_train_step_mode(tmp_path):
+    result = _fastgpt("profile", "--mode", "train-step", "--seq-len", "8", "--warmup", "0", "--iters", "1",
+                      "--no-ops", "--peak-tflops", "100", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "batch 1 × seq_len 8, 1 timed steps (forward + backward + AdamW) after 0 warm-up" in out
+    assert re.search(r"\(\d[\d.]* GFLOP/token, 6·N \+ 12·L·T·d\); MFU [\d.]+% of 100 TFLOP/s \(given\)", out)
+    assert "train steps use the preset's dropout (0.1)" in out
 
 
 def test_console_script_is_installed():
@@ -40,10 +99,20 @@ def test_console_script_is_installed():
 
 @pytest.mark.parametrize("args,fragment", [
     (["profile", "--backend", "cuda"], "invalid choice: 'cuda'"),
+    (["profile", "--mode", "backward"], "invalid choice: 'backward'"),
     (["profile", "--seq-len", "2000"], "seq_len must be in [1, 1024] (the context length), got 2000"),
     (["profile", "--batch", "0"], "must be a positive integer, got 0"),
-    (["profile", "--backend", "triton", "--iters", "1", "--warmup", "0"], "no Triton kernel for"),
+    (["profile", "--warmup", "-1"], "must be an integer >= 0, got -1"),
+    (["profile", "--backend", "triton", "--iters", "1", "--warmup", "0"], "backend 'triton' is forced on a cpu tensor"),
     (["profile", "--dtype", "float64"], "invalid choice: 'float64'"),
+    (["profile", "--new-tokens", "8"], "new_tokens applies to mode 'generate' only, not 'forward'"),
+    (["profile", "--mode", "generate", "--seq-len", "1000", "--new-tokens", "64"],
+     "a 1000-token prompt and 64 new tokens need 1063 cache positions, more than the context length 1024"),
+    (["profile", "--peak-tflops", "0"], "must be a positive number, got 0"),
+    (["profile", "--trace", "no/such/folder/trace.json"], "cannot write the trace to no/such/folder/trace.json"),
+    (["profile", "--json", "no/such/folder/r.json"], "cannot write the JSON report to no/such/folder/r.json"),
+    (["profile", "--compare", "--backend", "eager"], "--compare runs the eager and Triton backends itself"),
+    (["profile", "--compare"], "--compare needs Triton kernels that run on cpu"),
     (["tokenize"], "invalid choice: 'tokenize'"),
 ])
 def test_bad_options_exit_2_with_a_message_and_no_traceback(tmp_path, args, fragment):
@@ -60,7 +129,9 @@ def test_asking_for_cuda_without_cuda_is_a_clear_error(tmp_path):
     assert "device 'cuda' requested but torch.cuda.is_available() is False" in result.stderr
 
 
-def test_profile_forward_reports_what_it_measured():
-    result = profile_forward(size="124M", seq_len=4, warmup=0, iters=2, backend="eager")
+def test_profile_reports_what_it_measured_for_a_preset():
+    result = profile(size="124M", seq_len=4, warmup=0, iters=2, backend="eager", profile_ops=False)
     assert len(result.latencies_ms) == 2 and all(t > 0 for t in result.latencies_ms)
-    assert result.paths == {"causal_attention": {"eager": 12}, "gelu": {"eager": 12}, "layer_norm": {"eager": 25}}
+    assert result.size == "124M" and result.parameters == 163_009_536 and result.ops is None
+    assert result.paths == {"causal_attention": {"eager": 12}, "dropout_add_layer_norm": {"eager": 12},
+                            "layer_norm": {"eager": 13}, "linear_gelu": {"eager": 12}}

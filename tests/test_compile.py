@@ -1,18 +1,28 @@
-"""torch.compile traces the model whole (no graph breaks) and computes the same logits."""
+"""torch.compile traces the model whole (no graph breaks) in both dispatch backends and computes the same logits."""
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
+import fastgpt
 from fastgpt import GPTModel, ops
 from helpers import TINY, rel_err
 
+CFG = {**TINY, "emb_dim": 64, "n_heads": 2}  # head_dim 32: a size the attention kernel takes
+# The custom ops a Triton forward pass puts in the graph (GELU runs as the fused bias + GELU op).
+TRITON_GRAPH_OPS = {"layer_norm", "dropout_add_layer_norm", "gelu", "causal_attention"}
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_fullgraph_compile_matches_eager(backend):
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("fastgpt_backend", ["eager", "triton"])
+def test_fullgraph_compile_matches_the_uncompiled_model(fastgpt_backend, compile_backend):
     torch._dynamo.reset()
-    model = GPTModel(TINY).eval()
-    idx = torch.randint(0, TINY["vocab_size"], (2, 11))
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    torch.manual_seed(0)
+    model = GPTModel(CFG).eval()
+    idx = torch.randint(0, CFG["vocab_size"], (2, 11))
+    fastgpt.set_backend(fastgpt_backend)
+    counter = CompileCounterWithBackend(compile_backend)  # the backend, plus a record of the graphs
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
     with torch.no_grad():
         expected = model(idx)
         ops.reset_dispatch_counts()
@@ -20,3 +30,8 @@ def test_fullgraph_compile_matches_eager(backend):
     assert rel_err(out, expected) <= 1e-6
     # Dispatch is decided while tracing; traced calls are not counted as runs.
     assert not ops.dispatch_counts
+    assert counter.frame_count == 1
+    # What the graph runs: our kernels' custom ops with Triton, none with eager.
+    in_graph = {str(node.target).split(".")[1] for graph in counter.graphs for node in graph.graph.nodes
+                if node.op == "call_function" and str(node.target).startswith("fastgpt.")}
+    assert in_graph == (TRITON_GRAPH_OPS if fastgpt_backend == "triton" else set())

@@ -1,0 +1,56 @@
+"""Model forward latency: fastgpt (Triton, eager), torch.compile and transformers on the same weights.
+
+Inference forward passes (no grad, full logits) over random token ids, in a
+sequence-length sweep at a fixed batch and a batch sweep at a fixed length.
+Each case records tokens/s and, from 2·N + 4·n_layers·T·emb_dim model FLOPs
+per token (fastgpt/flops.py), TFLOP/s and MFU where the GPU's peak is known.
+One group per shape, so pytest-benchmark's tables compare the
+implementations side by side.
+
+    pytest benchmarks/test_model_forward.py [--full] --benchmark-json out.json
+"""
+
+import pytest
+import torch
+
+from fastgpt import flops
+from models import (DEVICE, DTYPE_NAME, MODEL_NAME, ON_GPU, SETTINGS, build_models, cases, check_paths, forward_fn,
+                    model_config, random_ids, record, start_counting)
+from timing import synchronized
+
+if ON_GPU and SETTINGS.full:
+    SEQ_SWEEP = [(8, t) for t in (128, 256, 512, 1024)]
+    BATCH_SWEEP = [(b, 1024) for b in (1, 2, 4, 16)]
+elif ON_GPU:
+    SEQ_SWEEP, BATCH_SWEEP = [(8, 256), (8, 1024)], [(1, 1024)]
+else:
+    SEQ_SWEEP, BATCH_SWEEP = [(1, 32), (1, 64), (1, 128)], [(4, 64)]
+SHAPES = SEQ_SWEEP + [shape for shape in BATCH_SWEEP if shape not in SEQ_SWEEP]
+ROUNDS = 20 if ON_GPU else 5
+
+
+@pytest.fixture(scope="module")
+def models():
+    return build_models(model_config())
+
+
+@pytest.mark.parametrize("batch,seq_len,impl", cases(SHAPES))
+def test_forward(benchmark, models, batch, seq_len, impl):
+    benchmark.group = f"forward · {MODEL_NAME} {DTYPE_NAME} · batch {batch} × seq {seq_len}"
+    models.fastgpt.eval()
+    models.hf.eval()
+    forward = forward_fn(impl, models)
+    idx = random_ids(models.cfg, batch, seq_len)
+
+    def step():
+        with torch.inference_mode():
+            return forward(idx)
+
+    run = synchronized(step, DEVICE)
+    start_counting()  # the paths of one call, the warm-up
+    logits = run()  # warm-up: compilation, autotuning, allocator
+    paths = check_paths(impl)
+    assert logits.shape == (batch, seq_len, models.cfg["vocab_size"]) and torch.isfinite(logits).all()
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+    record(benchmark, impl, "forward", batch, seq_len, tokens=batch * seq_len,
+           flops_per_token=flops.flops_per_token(models.cfg, seq_len, training=False), paths=paths)

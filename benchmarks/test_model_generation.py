@@ -1,0 +1,196 @@
+"""Generation: prefill latency, time to first token and decode tokens/s, greedy, with a KV cache.
+
+fastgpt (Triton, eager), torch.compile and transformers on the same weights
+and prompts. Three measurements per prompt length, one pytest-benchmark group
+each:
+
+* **prefill**: one forward pass of the prompt into an empty KV cache, logits
+  of the last position only (fastgpt's ``KVCache``, transformers'
+  ``DynamicCache``); tokens/s counts prompt tokens.
+* **first token** (TTFT): from the prompt's token ids to the first new token,
+  through each library's generation entry point: ``fastgpt.generate_stream``
+  (its first column) and transformers' ``generate(max_new_tokens=1)``. The
+  compiled model has no generation loop of its own (fastgpt's generate runs a
+  compiled module without the cache), so torch.compile runs the same steps by
+  hand: allocate the cache, compiled prefill, argmax.
+* **decode**: ``NEW_TOKENS`` greedy steps of one token per sequence after a
+  prefill done untimed; tokens/s counts generated tokens. fastgpt decodes
+  through ``generate_stream`` (the library's own loop); torch.compile and
+  transformers run one cached forward + argmax per step (transformers' loop
+  without ``generate``'s logits processors: the peer at its leanest).
+  torch.compile marks the cache length dynamic after its first recompile, so
+  decoding runs one graph.
+
+benchmarks/test_generation_speed.py compares the KV cache with the seed's
+no-cache loop; this suite compares implementations.
+
+    pytest benchmarks/test_model_generation.py [--full] --benchmark-json out.json
+"""
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt import ops
+from models import (DEVICE, DTYPE_NAME, MODEL_NAME, ON_GPU, SETTINGS, backend_of, build_models, cases,
+                    check_paths, compile_model, hf_cache, hf_crop, hf_step, model_config, random_ids, record,
+                    start_counting)
+from timing import synchronized
+
+if ON_GPU and SETTINGS.full:
+    PROMPTS = [(b, p) for b in (1, 8) for p in (128, 512, 896)]
+    NEW_TOKENS = 128
+elif ON_GPU:
+    PROMPTS, NEW_TOKENS = [(1, 512)], 128
+else:
+    PROMPTS, NEW_TOKENS = [(1, 32), (1, 96)], 16
+ROUNDS = 10 if ON_GPU else 3
+
+
+@pytest.fixture(scope="module")
+def models():
+    built = build_models(model_config())
+    built.fastgpt.eval()
+    built.hf.eval()
+    return built
+
+
+def _group(what, batch, prompt):
+    return f"{what} · {MODEL_NAME} {DTYPE_NAME} · batch {batch} × prompt {prompt}"
+
+
+def _compiled(models):
+    # dynamic=None: the prefill compiles static, the decode graph turns the cache length dynamic.
+    return compile_model(models.fastgpt, dynamic=None)
+
+
+@pytest.mark.parametrize("batch,prompt_len,impl", cases(PROMPTS))
+def test_prefill(benchmark, models, batch, prompt_len, impl):
+    benchmark.group = _group("prefill", batch, prompt_len)
+    prompt = random_ids(models.cfg, batch, prompt_len)
+    if impl == "transformers":
+        def setup():
+            return (hf_cache(models.hf),), {}
+
+        def prefill(cache):
+            return hf_step(models.hf, prompt, cache, last_only=True)
+    else:
+        model = _compiled(models) if impl == "torch.compile" else models.fastgpt
+
+        def setup():
+            return (fastgpt.KVCache.for_model(models.fastgpt, batch, max_len=prompt_len + NEW_TOKENS),), {}
+
+        def prefill(cache):
+            with ops.use_backend(backend_of(impl)):
+                return model(prompt, kv_cache=cache, last_logits_only=True)
+
+    run = synchronized(lambda cache: _inference(prefill, cache), DEVICE)
+    start_counting()  # the paths of one call, the warm-up
+    logits = run(*setup()[0])  # warm-up: compilation, autotuning
+    paths = check_paths(impl)
+    assert logits.shape[0] == batch and logits.shape[-1] == models.cfg["vocab_size"]
+    benchmark.pedantic(run, setup=setup, rounds=ROUNDS, warmup_rounds=1)
+    record(benchmark, impl, "prefill", batch, prompt_len, tokens=batch * prompt_len, paths=paths)
+
+
+def _inference(fn, *args):
+    with torch.inference_mode():
+        return fn(*args)
+
+
+@pytest.mark.parametrize("batch,prompt_len,impl", cases(PROMPTS))
+def test_first_token(benchmark, models, batch, prompt_len, impl):
+    benchmark.group = _group("first token", batch, prompt_len)
+    prompt = random_ids(models.cfg, batch, prompt_len)
+    context = models.cfg["context_length"]
+    if impl == "transformers":
+        def first_token():
+            with torch.inference_mode():
+                out = models.hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1,
+                                         min_new_tokens=1, do_sample=False, pad_token_id=0)
+            return out[:, -1:]
+    elif impl == "torch.compile":
+        compiled = _compiled(models)
+
+        def first_token():
+            with torch.inference_mode(), ops.use_backend("eager"):
+                cache = fastgpt.KVCache.for_model(models.fastgpt, batch, max_len=prompt_len + NEW_TOKENS)
+                return compiled(prompt, kv_cache=cache, last_logits_only=True)[:, -1].argmax(-1, keepdim=True)
+    else:
+        def first_token():
+            with ops.use_backend(backend_of(impl)):
+                stream = fastgpt.generate_stream(models.fastgpt, prompt, NEW_TOKENS, context)
+                token = next(stream)
+                stream.close()
+            return token
+
+    run = synchronized(first_token, DEVICE)
+    start_counting()  # the paths of one call, the warm-up
+    assert run().shape == (batch, 1)  # warm-up: compilation, autotuning
+    paths = check_paths(impl)
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+    record(benchmark, impl, "first token", batch, prompt_len, tokens=None, paths=paths,
+           new_tokens=1)
+
+
+@pytest.mark.parametrize("batch,prompt_len,impl", cases(PROMPTS))
+def test_decode(benchmark, models, batch, prompt_len, impl):
+    benchmark.group = _group(f"decode {NEW_TOKENS} tokens", batch, prompt_len)
+    prompt = random_ids(models.cfg, batch, prompt_len)
+    context = models.cfg["context_length"]
+    if impl in ("fastgpt-triton", "fastgpt-eager"):
+        backend = backend_of(impl)
+
+        def setup():
+            # The stream's first next() is the prefill and the first token: done untimed.
+            with ops.use_backend(backend):
+                stream = fastgpt.generate_stream(models.fastgpt, prompt, NEW_TOKENS + 1, context)
+                next(stream)
+            return (stream,), {}
+
+        def decode(stream):
+            with ops.use_backend(backend):
+                return torch.cat(list(stream), dim=1)
+    else:
+        if impl == "transformers":
+            cache = hf_cache(models.hf)
+
+            def forward(tokens):
+                return hf_step(models.hf, tokens, cache, last_only=True)
+
+            def rewind():
+                hf_crop(cache, prompt_len)
+        else:
+            compiled = _compiled(models)
+            cache = fastgpt.KVCache.for_model(models.fastgpt, batch, max_len=prompt_len + NEW_TOKENS + 1)
+
+            def forward(tokens):
+                with ops.use_backend("eager"):
+                    return compiled(tokens, kv_cache=cache, last_logits_only=True)
+
+            def rewind():
+                cache.length = prompt_len  # the positions after the prompt are written again
+
+        with torch.inference_mode():
+            first = forward(prompt)[:, -1].argmax(-1, keepdim=True)  # the prefill, once
+
+        def setup():
+            rewind()
+            return (first,), {}
+
+        def decode(token):
+            with torch.inference_mode():
+                tokens = []
+                for _ in range(NEW_TOKENS):
+                    token = forward(token)[:, -1].argmax(-1, keepdim=True)
+                    tokens.append(token)
+                return torch.cat(tokens, dim=1)
+
+    run = synchronized(decode, DEVICE)
+    args = setup()[0]
+    start_counting()  # the paths of one call, the warm-up
+    assert run(*args).shape == (batch, NEW_TOKENS)  # warm-up: compiles the decode graph
+    paths = check_paths(impl)
+    benchmark.pedantic(run, setup=setup, rounds=ROUNDS, warmup_rounds=1)
+    record(benchmark, impl, "decode", batch, prompt_len, tokens=batch * NEW_TOKENS, paths=paths,
+           new_tokens=NEW_TOKENS)

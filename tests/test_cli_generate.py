@@ -1,0 +1,117 @@
+"""`fastgpt generate`: continues a prompt from a checkpoint (or a random GPT-2 small), streaming tokens."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt import cli
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models run fastest on one thread, above all when another process holds the other core.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny model with GPT-2's vocabulary, saved as a Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    fastgpt.GPTModel({"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
+                      "drop_rate": 0.0, "qkv_bias": True}).save_pretrained(folder)
+    return folder
+
+
+def expected_text(checkpoint, prompt, new_tokens, **sampling):
+    tok = fastgpt.get_tokenizer()
+    model = fastgpt.from_pretrained(checkpoint)
+    seed = sampling.pop("seed", 123)
+    ids = fastgpt.generate(model, fastgpt.text_to_token_ids(prompt, tok), new_tokens, 32, eos_id=50256,
+                           generator=torch.Generator().manual_seed(seed), **sampling)
+    return fastgpt.token_ids_to_text(ids, tok)
+
+
+def _fastgpt(*args, cwd):
+    # A scratch folder as working directory keeps the repository root off sys.path.
+    return subprocess.run([sys.executable, "-m", "fastgpt", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, env={**os.environ, "FASTGPT_BACKEND": "", "TRITON_INTERPRET": "0"})
+
+
+def test_generate_from_a_checkpoint_prints_the_models_continuation(checkpoint, tmp_path):
+    result = _fastgpt("generate", "Every effort moves you", "--checkpoint", str(checkpoint),
+                      "--max-new-tokens", "12", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text(checkpoint, "Every effort moves you", 12) + "\n"
+    assert "new tokens in" in result.stderr and "tokens/s" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sampling_options_are_seeded_and_reach_the_sampler(checkpoint, capsys):
+    args = ["generate", "Hello, I am", "--checkpoint", str(checkpoint), "--max-new-tokens", "10",
+            "--temperature", "1.5", "--top-k", "40", "--top-p", "0.9", "--seed", "7"]
+    assert cli.main(args) == 0
+    first = capsys.readouterr().out
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == first
+    assert first == expected_text(checkpoint, "Hello, I am", 10, temperature=1.5, top_k=40, top_p=0.9,
+                                  seed=7) + "\n"
+    assert cli.main(args[:-1] + ["8"]) == 0
+    assert capsys.readouterr().out != first
+
+
+def test_tokens_are_printed_as_they_are_generated(checkpoint, monkeypatch, capsys):
+    events = []
+    real_stream = fastgpt.generation.generate_stream
+
+    def recording_stream(*args, **kwargs):
+        for column in real_stream(*args, **kwargs):
+            events.append("token")
+            yield column
+
+    real_print = print
+    monkeypatch.setattr(fastgpt.generation, "generate_stream", recording_stream)
+    monkeypatch.setattr("builtins.print", lambda *a, **k: (events.append("print"), real_print(*a, **k)))
+    assert cli.main(["generate", "Hi", "--checkpoint", str(checkpoint), "--max-new-tokens", "4"]) == 0
+    tokens_then_prints = "".join("t" if e == "token" else "p" for e in events)
+    assert "tptptptp" in tokens_then_prints  # each token is printed before the next is computed
+
+
+def test_no_checkpoint_means_a_random_gpt2_small_with_a_notice(tmp_path):
+    result = _fastgpt("generate", "Hello", "--max-new-tokens", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello")
+    notice = [line for line in result.stderr.splitlines() if "random GPT-2 small" in line]
+    assert len(notice) == 1 and "untrained" in notice[0]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["generate", ""], "the prompt is empty"),
+    (["generate", "x", "--top-p", "1.5"], "must be in (0, 1], got 1.5"),
+    (["generate", "x", "--temperature", "-1"], "must be a finite number >= 0, got -1"),
+    (["generate", "x", "--max-new-tokens", "0"], "must be a positive integer, got 0"),
+    (["generate", "x", "--top-k", "0"], "must be a positive integer, got 0"),
+    (["generate", "x", "--backend", "cuda"], "invalid choice: 'cuda'"),
+    (["generate", "x", "--checkpoint", "/nonexistent/gpt2"], "checkpoint /nonexistent/gpt2 does not exist"),
+])
+def test_bad_input_exits_2_with_a_message(args, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_a_bad_checkpoint_is_reported_without_a_traceback(checkpoint, tmp_path):
+    (tmp_path / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes()[:-50])
+    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+    result = _fastgpt("generate", "x", "--checkpoint", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model.safetensors: tensor" in result.stderr and "the file is truncated" in result.stderr
+    assert "Traceback" not in result.stderr
