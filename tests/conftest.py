@@ -49,3 +49,11 @@ def forced_triton(monkeypatch):
     monkeypatch.setattr(outputs, "poison", True)
     ops.set_backend("triton")
     ops.reset_dispatch_counts()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread, above all when another process holds the other core."""
+    from seed_training import one_thread
+    with one_thread():
+        yield

@@ -25,13 +25,7 @@ from reference_model import RefGPTModel
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models run fastest on one thread, above all when another process holds the other core.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def hf_gpt2(seed=0, vocab=97, ctx=40, emb=64, layers=2, heads=4, tie=True):

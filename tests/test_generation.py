@@ -15,14 +15,7 @@ from reference_model import RefGPTModel
 V, CTX = TINY["vocab_size"], TINY["context_length"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models run fastest on one thread: splitting a 64-wide matmul costs more than
-    # it saves, and far more when another process holds the other core.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def seed_generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
