@@ -1,6 +1,5 @@
 """GPTModel with every available Triton kernel against the eager model: loss, gradients, torch.compile."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
