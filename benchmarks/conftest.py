@@ -55,8 +55,9 @@ def pytest_report_header(config):
         return (f"fastgpt benchmarks: CUDA ({torch.cuda.get_device_name()}), {sweep}, all implementations, "
                 f"{compile_backend}")
     return ("fastgpt benchmarks: no CUDA device -- small sizes, CPU timings; Triton cases are not run (the "
-            "interpreter is not a speed); kernel suites: eager only; model suites: fastgpt (eager), "
-            f"torch.compile (one size, {compile_backend}), transformers")
+            "interpreter is not a speed); kernel suites: eager only; model suites: fastgpt (eager; training also "
+            f"with the fused loss), torch.compile (one size, {compile_backend}), transformers, timed in "
+            "interleaved rounds")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

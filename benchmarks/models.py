@@ -13,7 +13,13 @@
   overrides the backend.
 * ``transformers``: ``GPT2LMHeadModel`` (SDPA attention) built from a
   ``GPT2Config`` with seeded random weights -- no download -- which fastgpt
-  loads through ``fastgpt.weights.state_dict_from_hf_gpt2``.
+  loads through ``fastgpt.weights.state_dict_from_hf_gpt2``. Both tie the
+  output head to the token embedding, or neither does (``build_models(tied=)``).
+* training only: ``fastgpt (eager, fused loss)`` (CPU) and, on CUDA with
+  ``liger-kernel`` installed, fastgpt's model with Liger-Kernel's fused loss.
+
+The implementations of a shape are timed in interleaved rounds
+(interleaved.py); ``shared_rounds`` runs them once, in the shape's first case.
 
 The model is GPT-2 small on CUDA (bfloat16), and a tiny GPT-2 on a CPU
 (float32, 2 layers of width 128, a vocabulary of 8192) so CI runs in seconds.
@@ -41,8 +47,11 @@ DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 DTYPE_NAME = str(DTYPE).removeprefix("torch.")
 
 LABELS = {"fastgpt-triton": "fastgpt (triton)", "fastgpt-eager": "fastgpt (eager)",
-          "torch.compile": "torch.compile", "transformers": "transformers"}
-IMPLEMENTATIONS = list(LABELS) if ON_GPU else [impl for impl in LABELS if impl != "fastgpt-triton"]
+          "torch.compile": "torch.compile", "transformers": "transformers",
+          # training only: the fused loss on eager ops, and Liger-Kernel's fused loss on fastgpt (CUDA)
+          "fastgpt-fused": "fastgpt (eager, fused loss)", "liger": "fastgpt + Liger-Kernel loss"}
+IMPLEMENTATIONS = ["fastgpt-triton", "fastgpt-eager", "torch.compile", "transformers"] if ON_GPU else \
+    ["fastgpt-eager", "torch.compile", "transformers"]
 CPU_NOTE = ("no CUDA device: fastgpt (triton) is not run (Triton's CPU interpreter is not a speed); "
             "tiny model, CPU timings")
 
@@ -88,18 +97,27 @@ class Models:
     hf: torch.nn.Module
 
 
-def build_models(cfg: dict, seed: int = 0) -> Models:
-    """transformers' GPT-2 with seeded random weights, and fastgpt's GPTModel holding the same weights."""
+def build_models(cfg: dict, seed: int = 0, tied: bool = True) -> Models:
+    """transformers' GPT-2 with seeded random weights, and fastgpt's GPTModel holding the same weights.
+
+    ``tied``: both tie the output head to the token embedding (transformers'
+    default, GPT-2's release: ``fastgpt.tie_weights``), or neither does (the
+    seed's layout) -- like for like, so an optimizer updates as many parameters.
+    """
     import transformers
 
     hf_config = transformers.GPT2Config(
         vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
         n_layer=cfg["n_layers"], n_head=cfg["n_heads"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=cfg["vocab_size"] - 1, eos_token_id=cfg["vocab_size"] - 1)
+        bos_token_id=cfg["vocab_size"] - 1, eos_token_id=cfg["vocab_size"] - 1, tie_word_embeddings=tied)
     torch.manual_seed(seed)
     hf = transformers.GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa")
     ours = fastgpt.GPTModel({**config_from_hf_gpt2(hf.config), "drop_rate": 0.0})
     ours.load_state_dict(state_dict_from_hf_gpt2(hf.state_dict(), cfg["n_layers"]))
+    if tied:
+        fastgpt.tie_weights(ours)
+    trainable = [sum(p.numel() for p in model.parameters()) for model in (ours, hf)]
+    assert trainable[0] == trainable[1], f"fastgpt and transformers hold {trainable} parameters: not like for like"
     # The two must be one function before their speeds mean anything (float32, before any cast).
     probe = torch.randint(0, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode(), ops.use_backend("eager"):
@@ -121,7 +139,36 @@ def compile_model(model: torch.nn.Module, *, dynamic: Optional[bool] = False) ->
 
 
 def backend_of(impl: str) -> str:
-    return "eager" if impl in ("fastgpt-eager", "torch.compile") else "auto"
+    return "eager" if impl in ("fastgpt-eager", "fastgpt-fused", "torch.compile") else "auto"
+
+
+def fastest_adamw(parameters, lr: float) -> tuple[torch.optim.Optimizer, str]:
+    """PyTorch's fastest AdamW for these parameters: ``fused`` where the device has it, else ``foreach``."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.AdamW(parameters, lr=lr, fused=True), f"AdamW lr {lr}, fused"
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or dtype (torch version)
+        return torch.optim.AdamW(parameters, lr=lr, foreach=True), f"AdamW lr {lr}, foreach"
+
+
+# ---------------------------------------------------------------- interleaved rounds, shared by a shape's cases
+
+_shared: dict = {}
+
+
+def shared_rounds(key, build: Callable[[], dict], rounds: int, disabled: bool):
+    """(contenders, measured) for ``key``: ``build()``'s contenders timed in interleaved rounds, once.
+
+    The first case of a shape runs every implementation of it (interleaved.py);
+    its other cases report from the same rounds. Only the latest shape is kept.
+    """
+    import interleaved
+
+    if key not in _shared:
+        _shared.clear()  # free the previous shape's models, caches and optimizer state first
+        contenders = build()
+        _shared[key] = contenders, interleaved.measure(contenders, 0 if disabled else rounds, DEVICE)
+    return _shared[key]
 
 
 def forward_fn(impl: str, models: Models) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -183,16 +230,17 @@ def check_paths(impl: str) -> dict[str, dict[str, int]]:
     took_triton = any("triton" in by_path for by_path in paths.values())
     if impl == "fastgpt-triton":
         assert took_triton, f"fastgpt (triton) ran no Triton kernel: {paths} ({ops.triton_status() or 'no reason'})"
-    elif impl == "fastgpt-eager":
-        assert not took_triton, f"fastgpt (eager) took a Triton path: {paths}"
+    elif impl in ("fastgpt-eager", "fastgpt-fused"):
+        assert not took_triton, f"{LABELS[impl]} took a Triton path: {paths}"
     return paths
 
 
 def record(benchmark, impl: str, suite: str, batch: int, seq_len: int, tokens: Optional[int],
-           flops_per_token: Optional[float] = None, paths: Optional[dict] = None, **extra) -> None:
+           flops_per_token: Optional[float] = None, paths: Optional[dict] = None, model: str = MODEL_NAME,
+           **extra) -> None:
     """Everything the report needs beside the timings: what ran, and tokens/s, TFLOP/s and MFU from the median."""
     info = benchmark.extra_info
-    info.update(suite=suite, impl=LABELS[impl], model=MODEL_NAME, device=str(DEVICE), dtype=DTYPE_NAME,
+    info.update(suite=suite, impl=LABELS[impl], model=model, device=str(DEVICE), dtype=DTYPE_NAME,
                 batch=batch, seq_len=seq_len, **extra)
     if impl == "torch.compile":
         counters = torch._dynamo.utils.counters

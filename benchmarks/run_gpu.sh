@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU results protocol (benchmarks/README.md): on a CUDA machine, in one go,
-#   1. the test suite, with the Triton kernels compiled for real;
-#   2. the full benchmark sweep (pytest benchmarks --full);
-#   3. the ahead-of-time kernel report (sm_80 and sm_90);
-#   4. fastgpt profile --compare for a forward pass, a train step and generation;
-#   5. the markdown report and plots of the sweep.
-# Every step runs even if an earlier one fails; the exit status is 1 if any failed.
-# Writes OUTDIR/<gpu>-<date>.{json,md}, its PNG plots and the logs of each step.
-# Downloads nothing: transformers' GPT-2 is built from a config with random weights.
+# The long GPU session (benchmarks/README.md): on a CUDA machine with an hour or
+# more, after the 8-minute check, in one go:
+#   1. benchmarks/gpu_check.py OUTDIR/<stem>-check   (installs this checkout offline first)
+#   2. the whole test suite, kernels compiled for real;
+#   3. the full benchmark sweep, one suite at a time;
+#   4. the ahead-of-time kernel report (sm_80 and sm_90);
+#   5. fastgpt profile --compare for a forward pass, a train step and generation;
+#   6. the markdown report and plots of each suite.
+# Every step runs even if an earlier one fails, and each writes its files as it
+# finishes (logs stream as they go), so a run stopped at any moment keeps every
+# finished step. The exit status is 1 if any step failed. Downloads nothing.
 #
 #   benchmarks/run_gpu.sh benchmarks/results
 set -uo pipefail
@@ -18,9 +20,9 @@ if [[ $# -ne 1 || "$1" == -* ]]; then
 fi
 outdir=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "run_gpu.sh: cannot create $1" >&2; exit 2; }
 cd "$(dirname "$0")/.."
-python=${PYTHON:-python}
+python=${PYTHON:-python3}
 
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 # Real kernels, default dispatch: neither the interpreter nor a forced backend.
 unset TRITON_INTERPRET FASTGPT_BACKEND
 
@@ -31,8 +33,8 @@ if not torch.cuda.is_available():
 print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))
 EOF
 ) || exit 2
-stem="$outdir/$gpu-$(date -u +%Y-%m-%d)"
-echo "run_gpu.sh: writing $stem.*" >&2
+stem="$outdir/$(date -u +%Y-%m-%d)-$gpu"
+echo "run_gpu.sh: writing $stem-*" >&2
 
 failed=()
 step() {  # step NAME LOG COMMAND...: run, tee to LOG, remember a failure
@@ -47,54 +49,28 @@ step() {  # step NAME LOG COMMAND...: run, tee to LOG, remember a failure
     return 0
 }
 
-step "environment" "$stem-environment.txt" "$python" - <<'EOF'
-import platform, torch, triton, transformers, fastgpt
-print("device      ", torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability())
-print("torch       ", torch.__version__, "| CUDA", torch.version.cuda)
-print("triton      ", triton.__version__)
-print("transformers", transformers.__version__)
-print("python      ", platform.python_version(), "| fastgpt", fastgpt.__version__)
-EOF
-nvidia-smi > "$stem-nvidia-smi.txt" 2>&1 || true
-
-step "tests" "$stem-tests.txt" pytest tests -q -p no:cacheprovider
-step "benchmarks" "$stem-benchmarks.txt" pytest benchmarks --full -p no:cacheprovider \
-    --benchmark-json "$stem.json" --benchmark-group-by=group --benchmark-columns=min,median,iqr,rounds
+# The 8-minute verdict first; it also makes this checkout importable offline.
+step "gpu check" "$stem-check.log" "$python" benchmarks/gpu_check.py "$stem-check"
+step "tests" "$stem-tests.txt" "$python" -P -m pytest tests -q -p no:cacheprovider -n 8 \
+    --junitxml "$stem-tests.xml"
+for suite in kernel_speed attention_speed model_forward model_training model_generation generation_speed; do
+    step "benchmark $suite" "$stem-bench-$suite.txt" "$python" -P -m pytest "benchmarks/test_$suite.py" --full \
+        -p no:cacheprovider --benchmark-json "$stem-bench-$suite.json" --benchmark-group-by=group \
+        --benchmark-columns=min,median,iqr,rounds
+    if [[ -s "$stem-bench-$suite.json" ]]; then
+        step "report $suite" "$stem-report-$suite.txt" "$python" benchmarks/report.py "$stem-bench-$suite.json" "$outdir"
+    fi
+done
 step "kernel report" "$stem-kernels.txt" "$python" -m fastgpt.kernels.report --arch 80,90 --json "$stem-kernels.json"
 for mode in forward train-step generate; do
     step "profile $mode" "$stem-profile-$mode.txt" fastgpt profile --compare --mode "$mode" --quiet \
         --json "$stem-profile-$mode.json"
 done
 
-if [[ -s "$stem.json" ]]; then
-    step "report" "$stem-report.txt" "$python" benchmarks/report.py "$stem.json" "$outdir"
-    # Append what the sweep's tables do not show: the other steps' verdicts and the profiles.
-    {
-        echo
-        echo "## The rest of this run"
-        echo
-        echo "- tests: \`$(tail -n 1 "$stem-tests.txt")\`"
-        echo "- kernel report: \`$(tail -n 1 "$stem-kernels.txt")\` (details: $(basename "$stem-kernels.txt"), $(basename "$stem-kernels.json"))"
-        for failure in ${failed[@]+"${failed[@]}"}; do
-            echo "- **failed**: $failure"
-        done
-        for mode in forward train-step generate; do
-            echo
-            echo "### fastgpt profile --compare --mode $mode"
-            echo
-            echo '```'
-            cat "$stem-profile-$mode.txt"
-            echo '```'
-        done
-    } >> "$stem.md"
-else
-    failed+=("report (no $stem.json: the benchmark step wrote nothing)")
-fi
-
 echo >&2
 if [[ ${#failed[@]} -gt 0 ]]; then
-    printf 'run_gpu.sh: FAILED: %s\n' "${failed[@]}" >&2
+    printf 'run_gpu.sh: FAILED: %s\n' "${failed[@]}" | tee "$stem-failures.txt" >&2
     echo "run_gpu.sh: results (with the failures recorded) are in $outdir; commit them all the same" >&2
     exit 1
 fi
-echo "run_gpu.sh: all steps passed; commit $outdir/$(basename "$stem")*" >&2
+echo "run_gpu.sh: all steps passed; commit $stem-*" >&2

@@ -5,7 +5,8 @@ sequence-length sweep at a fixed batch and a batch sweep at a fixed length.
 Each case records tokens/s and, from 2·N + 4·n_layers·T·emb_dim model FLOPs
 per token (fastgpt/flops.py), TFLOP/s and MFU where the GPU's peak is known.
 One group per shape, so pytest-benchmark's tables compare the
-implementations side by side.
+implementations side by side; the implementations of a shape are timed in
+interleaved rounds (interleaved.py), so their ratios come from the same rounds.
 
     pytest benchmarks/test_model_forward.py [--full] --benchmark-json out.json
 """
@@ -13,10 +14,10 @@ implementations side by side.
 import pytest
 import torch
 
+import interleaved
 from fastgpt import flops
-from models import (DEVICE, DTYPE_NAME, MODEL_NAME, ON_GPU, SETTINGS, build_models, cases, check_paths, forward_fn,
-                    model_config, random_ids, record, start_counting)
-from timing import synchronized
+from models import (DTYPE_NAME, MODEL_NAME, ON_GPU, SETTINGS, build_models, cases, check_paths, forward_fn,
+                    model_config, random_ids, record, shared_rounds, start_counting)
 
 if ON_GPU and SETTINGS.full:
     SEQ_SWEEP = [(8, t) for t in (128, 256, 512, 1024)]
@@ -26,31 +27,44 @@ elif ON_GPU:
 else:
     SEQ_SWEEP, BATCH_SWEEP = [(1, 32), (1, 64), (1, 128)], [(4, 64)]
 SHAPES = SEQ_SWEEP + [shape for shape in BATCH_SWEEP if shape not in SEQ_SWEEP]
+CASES = cases(SHAPES)
 ROUNDS = 20 if ON_GPU else 5
 
 
 @pytest.fixture(scope="module")
 def models():
-    return build_models(model_config())
+    built = build_models(model_config())
+    built.fastgpt.eval()
+    built.hf.eval()
+    return built
 
 
-@pytest.mark.parametrize("batch,seq_len,impl", cases(SHAPES))
+def _contenders(models, batch, seq_len):
+    idx = random_ids(models.cfg, batch, seq_len)
+    contenders = {}
+    for impl in [c.values[2] for c in CASES if c.values[:2] == (batch, seq_len)]:
+        forward = forward_fn(impl, models)
+
+        def step(forward=forward):
+            with torch.inference_mode():
+                return forward(idx)
+
+        def warm_up(impl=impl, step=step):  # compilation, autotuning, allocator; and the paths of one call
+            start_counting()
+            logits = step()
+            contenders[impl].info["paths"] = check_paths(impl)
+            assert logits.shape == (batch, seq_len, models.cfg["vocab_size"]) and torch.isfinite(logits).all()
+
+        contenders[impl] = interleaved.Contender({"forward": step}, warm_up=warm_up)
+    return contenders
+
+
+@pytest.mark.parametrize("batch,seq_len,impl", CASES)
 def test_forward(benchmark, models, batch, seq_len, impl):
     benchmark.group = f"forward · {MODEL_NAME} {DTYPE_NAME} · batch {batch} × seq {seq_len}"
-    models.fastgpt.eval()
-    models.hf.eval()
-    forward = forward_fn(impl, models)
-    idx = random_ids(models.cfg, batch, seq_len)
-
-    def step():
-        with torch.inference_mode():
-            return forward(idx)
-
-    run = synchronized(step, DEVICE)
-    start_counting()  # the paths of one call, the warm-up
-    logits = run()  # warm-up: compilation, autotuning, allocator
-    paths = check_paths(impl)
-    assert logits.shape == (batch, seq_len, models.cfg["vocab_size"]) and torch.isfinite(logits).all()
-    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+    contenders, measured = shared_rounds(("forward", batch, seq_len), lambda: _contenders(models, batch, seq_len),
+                                         ROUNDS, benchmark.disabled)
+    interleaved.report(benchmark, measured[impl], measured)
     record(benchmark, impl, "forward", batch, seq_len, tokens=batch * seq_len,
-           flops_per_token=flops.flops_per_token(models.cfg, seq_len, training=False), paths=paths)
+           flops_per_token=flops.flops_per_token(models.cfg, seq_len, training=False),
+           paths=contenders[impl].info["paths"])

@@ -21,6 +21,9 @@ each:
   torch.compile marks the cache length dynamic after its first recompile, so
   decoding runs one graph.
 
+The implementations of one measurement and prompt are timed in interleaved
+rounds (interleaved.py), so their ratios come from the same rounds.
+
 benchmarks/test_generation_speed.py compares the KV cache with the seed's
 no-cache loop; this suite compares implementations.
 
@@ -31,11 +34,11 @@ import pytest
 import torch
 
 import fastgpt
+import interleaved
 from fastgpt import ops
-from models import (DEVICE, DTYPE_NAME, MODEL_NAME, ON_GPU, SETTINGS, backend_of, build_models, cases,
-                    check_paths, compile_model, hf_cache, hf_crop, hf_step, model_config, random_ids, record,
+from models import (DTYPE_NAME, MODEL_NAME, ON_GPU, SETTINGS, backend_of, build_models, cases, check_paths,
+                    compile_model, hf_cache, hf_crop, hf_step, model_config, random_ids, record, shared_rounds,
                     start_counting)
-from timing import synchronized
 
 if ON_GPU and SETTINGS.full:
     PROMPTS = [(b, p) for b in (1, 8) for p in (128, 512, 896)]
@@ -44,6 +47,7 @@ elif ON_GPU:
     PROMPTS, NEW_TOKENS = [(1, 512)], 128
 else:
     PROMPTS, NEW_TOKENS = [(1, 32), (1, 96)], 16
+CASES = cases(PROMPTS)
 ROUNDS = 10 if ON_GPU else 3
 
 
@@ -64,133 +68,175 @@ def _compiled(models):
     return compile_model(models.fastgpt, dynamic=None)
 
 
-@pytest.mark.parametrize("batch,prompt_len,impl", cases(PROMPTS))
-def test_prefill(benchmark, models, batch, prompt_len, impl):
-    benchmark.group = _group("prefill", batch, prompt_len)
-    prompt = random_ids(models.cfg, batch, prompt_len)
-    if impl == "transformers":
-        def setup():
-            return (hf_cache(models.hf),), {}
-
-        def prefill(cache):
-            return hf_step(models.hf, prompt, cache, last_only=True)
-    else:
-        model = _compiled(models) if impl == "torch.compile" else models.fastgpt
-
-        def setup():
-            return (fastgpt.KVCache.for_model(models.fastgpt, batch, max_len=prompt_len + NEW_TOKENS),), {}
-
-        def prefill(cache):
-            with ops.use_backend(backend_of(impl)):
-                return model(prompt, kv_cache=cache, last_logits_only=True)
-
-    run = synchronized(lambda cache: _inference(prefill, cache), DEVICE)
-    start_counting()  # the paths of one call, the warm-up
-    logits = run(*setup()[0])  # warm-up: compilation, autotuning
-    paths = check_paths(impl)
-    assert logits.shape[0] == batch and logits.shape[-1] == models.cfg["vocab_size"]
-    benchmark.pedantic(run, setup=setup, rounds=ROUNDS, warmup_rounds=1)
-    record(benchmark, impl, "prefill", batch, prompt_len, tokens=batch * prompt_len, paths=paths)
-
-
 def _inference(fn, *args):
     with torch.inference_mode():
         return fn(*args)
 
 
-@pytest.mark.parametrize("batch,prompt_len,impl", cases(PROMPTS))
+def _impls(batch, prompt_len):
+    return [c.values[2] for c in CASES if c.values[:2] == (batch, prompt_len)]
+
+
+def _contender(impl, run, setup, check):
+    """A contender whose warm-up (compilation, autotuning) also records the paths of one call and checks it."""
+    contender = interleaved.Contender({"call": run}, setup=setup)
+
+    def warm_up():
+        start_counting()
+        result = run(*(setup() if setup else ()))
+        contender.info["paths"] = check_paths(impl)
+        check(result)
+
+    contender.warm_up = warm_up
+    return contender
+
+
+def _measured(benchmark, key, build, impl):
+    contenders, measured = shared_rounds(key, build, ROUNDS, benchmark.disabled)
+    interleaved.report(benchmark, measured[impl], measured)
+    return contenders[impl].info["paths"]
+
+
+def _prefill_contenders(models, batch, prompt_len):
+    prompt = random_ids(models.cfg, batch, prompt_len)
+
+    def check(logits):
+        assert logits.shape[0] == batch and logits.shape[-1] == models.cfg["vocab_size"]
+
+    contenders = {}
+    for impl in _impls(batch, prompt_len):
+        if impl == "transformers":
+            def setup():
+                return (hf_cache(models.hf),)
+
+            def prefill(cache):
+                return hf_step(models.hf, prompt, cache, last_only=True)
+        else:
+            def setup():
+                return (fastgpt.KVCache.for_model(models.fastgpt, batch, max_len=prompt_len + NEW_TOKENS),)
+
+            def prefill(cache, model=_compiled(models) if impl == "torch.compile" else models.fastgpt,
+                        backend=backend_of(impl)):
+                with ops.use_backend(backend):
+                    return model(prompt, kv_cache=cache, last_logits_only=True)
+
+        contenders[impl] = _contender(impl, lambda cache, prefill=prefill: _inference(prefill, cache), setup, check)
+    return contenders
+
+
+@pytest.mark.parametrize("batch,prompt_len,impl", CASES)
+def test_prefill(benchmark, models, batch, prompt_len, impl):
+    benchmark.group = _group("prefill", batch, prompt_len)
+    paths = _measured(benchmark, ("prefill", batch, prompt_len),
+                      lambda: _prefill_contenders(models, batch, prompt_len), impl)
+    record(benchmark, impl, "prefill", batch, prompt_len, tokens=batch * prompt_len, paths=paths)
+
+
+def _first_token_contenders(models, batch, prompt_len):
+    prompt = random_ids(models.cfg, batch, prompt_len)
+    context = models.cfg["context_length"]
+
+    def check(token):
+        assert token.shape == (batch, 1)
+
+    contenders = {}
+    for impl in _impls(batch, prompt_len):
+        if impl == "transformers":
+            def first_token():
+                with torch.inference_mode():
+                    out = models.hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1,
+                                             min_new_tokens=1, do_sample=False, pad_token_id=0)
+                return out[:, -1:]
+        elif impl == "torch.compile":
+            def first_token(compiled=_compiled(models)):
+                with torch.inference_mode(), ops.use_backend("eager"):
+                    cache = fastgpt.KVCache.for_model(models.fastgpt, batch, max_len=prompt_len + NEW_TOKENS)
+                    return compiled(prompt, kv_cache=cache, last_logits_only=True)[:, -1].argmax(-1, keepdim=True)
+        else:
+            def first_token(backend=backend_of(impl)):
+                with ops.use_backend(backend):
+                    stream = fastgpt.generate_stream(models.fastgpt, prompt, NEW_TOKENS, context)
+                    token = next(stream)
+                    stream.close()
+                return token
+
+        contenders[impl] = _contender(impl, first_token, None, check)
+    return contenders
+
+
+@pytest.mark.parametrize("batch,prompt_len,impl", CASES)
 def test_first_token(benchmark, models, batch, prompt_len, impl):
     benchmark.group = _group("first token", batch, prompt_len)
+    paths = _measured(benchmark, ("first token", batch, prompt_len),
+                      lambda: _first_token_contenders(models, batch, prompt_len), impl)
+    record(benchmark, impl, "first token", batch, prompt_len, tokens=None, paths=paths, new_tokens=1)
+
+
+def _decode_contenders(models, batch, prompt_len):
     prompt = random_ids(models.cfg, batch, prompt_len)
     context = models.cfg["context_length"]
-    if impl == "transformers":
-        def first_token():
+
+    def check(tokens):
+        assert tokens.shape == (batch, NEW_TOKENS)
+
+    contenders = {}
+    for impl in _impls(batch, prompt_len):
+        if impl in ("fastgpt-triton", "fastgpt-eager"):
+            backend = backend_of(impl)
+
+            def setup(backend=backend):
+                # The stream's first next() is the prefill and the first token: done untimed.
+                with ops.use_backend(backend):
+                    stream = fastgpt.generate_stream(models.fastgpt, prompt, NEW_TOKENS + 1, context)
+                    next(stream)
+                return (stream,)
+
+            def decode(stream, backend=backend):
+                with ops.use_backend(backend):
+                    return torch.cat(list(stream), dim=1)
+        else:
+            if impl == "transformers":
+                cache = hf_cache(models.hf)
+
+                def forward(tokens, cache=cache):
+                    return hf_step(models.hf, tokens, cache, last_only=True)
+
+                def rewind(cache=cache):
+                    hf_crop(cache, prompt_len)
+            else:
+                compiled = _compiled(models)
+                cache = fastgpt.KVCache.for_model(models.fastgpt, batch, max_len=prompt_len + NEW_TOKENS + 1)
+
+                def forward(tokens, compiled=compiled, cache=cache):
+                    with ops.use_backend("eager"):
+                        return compiled(tokens, kv_cache=cache, last_logits_only=True)
+
+                def rewind(cache=cache):
+                    cache.length = prompt_len  # the positions after the prompt are written again
+
             with torch.inference_mode():
-                out = models.hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1,
-                                         min_new_tokens=1, do_sample=False, pad_token_id=0)
-            return out[:, -1:]
-    elif impl == "torch.compile":
-        compiled = _compiled(models)
+                first = forward(prompt)[:, -1].argmax(-1, keepdim=True)  # the prefill, once
 
-        def first_token():
-            with torch.inference_mode(), ops.use_backend("eager"):
-                cache = fastgpt.KVCache.for_model(models.fastgpt, batch, max_len=prompt_len + NEW_TOKENS)
-                return compiled(prompt, kv_cache=cache, last_logits_only=True)[:, -1].argmax(-1, keepdim=True)
-    else:
-        def first_token():
-            with ops.use_backend(backend_of(impl)):
-                stream = fastgpt.generate_stream(models.fastgpt, prompt, NEW_TOKENS, context)
-                token = next(stream)
-                stream.close()
-            return token
+            def setup(rewind=rewind, first=first):
+                rewind()
+                return (first,)
 
-    run = synchronized(first_token, DEVICE)
-    start_counting()  # the paths of one call, the warm-up
-    assert run().shape == (batch, 1)  # warm-up: compilation, autotuning
-    paths = check_paths(impl)
-    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
-    record(benchmark, impl, "first token", batch, prompt_len, tokens=None, paths=paths,
-           new_tokens=1)
+            def decode(token, forward=forward):
+                with torch.inference_mode():
+                    tokens = []
+                    for _ in range(NEW_TOKENS):
+                        token = forward(token)[:, -1].argmax(-1, keepdim=True)
+                        tokens.append(token)
+                    return torch.cat(tokens, dim=1)
+
+        contenders[impl] = _contender(impl, decode, setup, check)
+    return contenders
 
 
-@pytest.mark.parametrize("batch,prompt_len,impl", cases(PROMPTS))
+@pytest.mark.parametrize("batch,prompt_len,impl", CASES)
 def test_decode(benchmark, models, batch, prompt_len, impl):
     benchmark.group = _group(f"decode {NEW_TOKENS} tokens", batch, prompt_len)
-    prompt = random_ids(models.cfg, batch, prompt_len)
-    context = models.cfg["context_length"]
-    if impl in ("fastgpt-triton", "fastgpt-eager"):
-        backend = backend_of(impl)
-
-        def setup():
-            # The stream's first next() is the prefill and the first token: done untimed.
-            with ops.use_backend(backend):
-                stream = fastgpt.generate_stream(models.fastgpt, prompt, NEW_TOKENS + 1, context)
-                next(stream)
-            return (stream,), {}
-
-        def decode(stream):
-            with ops.use_backend(backend):
-                return torch.cat(list(stream), dim=1)
-    else:
-        if impl == "transformers":
-            cache = hf_cache(models.hf)
-
-            def forward(tokens):
-                return hf_step(models.hf, tokens, cache, last_only=True)
-
-            def rewind():
-                hf_crop(cache, prompt_len)
-        else:
-            compiled = _compiled(models)
-            cache = fastgpt.KVCache.for_model(models.fastgpt, batch, max_len=prompt_len + NEW_TOKENS + 1)
-
-            def forward(tokens):
-                with ops.use_backend("eager"):
-                    return compiled(tokens, kv_cache=cache, last_logits_only=True)
-
-            def rewind():
-                cache.length = prompt_len  # the positions after the prompt are written again
-
-        with torch.inference_mode():
-            first = forward(prompt)[:, -1].argmax(-1, keepdim=True)  # the prefill, once
-
-        def setup():
-            rewind()
-            return (first,), {}
-
-        def decode(token):
-            with torch.inference_mode():
-                tokens = []
-                for _ in range(NEW_TOKENS):
-                    token = forward(token)[:, -1].argmax(-1, keepdim=True)
-                    tokens.append(token)
-                return torch.cat(tokens, dim=1)
-
-    run = synchronized(decode, DEVICE)
-    args = setup()[0]
-    start_counting()  # the paths of one call, the warm-up
-    assert run(*args).shape == (batch, NEW_TOKENS)  # warm-up: compiles the decode graph
-    paths = check_paths(impl)
-    benchmark.pedantic(run, setup=setup, rounds=ROUNDS, warmup_rounds=1)
+    paths = _measured(benchmark, ("decode", batch, prompt_len),
+                      lambda: _decode_contenders(models, batch, prompt_len), impl)
     record(benchmark, impl, "decode", batch, prompt_len, tokens=batch * NEW_TOKENS, paths=paths,
            new_tokens=NEW_TOKENS)

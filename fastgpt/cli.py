@@ -1,13 +1,24 @@
-"""The ``fastgpt`` command line: ``fastgpt profile`` and ``fastgpt generate`` (more land with their issues)."""
+"""The ``fastgpt`` command line: ``fastgpt profile`` and ``fastgpt generate`` (more land with their issues).
+
+Arguments are parsed before torch is imported, so ``--help`` and ``--version``
+answer at once, and whatever a command raises for the user (a bad option, a
+bad checkpoint, Ctrl-C, a closed pipe) ends in one line on stderr, not a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import sys
+import warnings
 
-from . import ops
+from . import __version__
 from .config import GPT2_CONFIGS
+
+# ops.BACKENDS, spelled out so that parsing arguments does not import torch (tests check they agree).
+BACKENDS = ("auto", "triton", "eager")
+_SEEDS = (0, 2**64 - 1)  # what torch.manual_seed takes
 
 
 def _positive_int(text: str) -> int:
@@ -19,6 +30,7 @@ def _positive_int(text: str) -> int:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgpt", description="fastgpt: a fast drop-in GPT-2 for PyTorch")
+    parser.add_argument("--version", action="version", version=f"fastgpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     profile = sub.add_parser(
@@ -47,13 +59,14 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="tokens to generate per call in --mode generate (default 128 on CUDA, 32 on CPU)")
     profile.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                          help="parameter dtype (default bfloat16 on CUDA, float32 on CPU)")
-    profile.add_argument("--backend", choices=list(ops.BACKENDS), default=None,
-                         help="dispatch backend (default auto: Triton where a kernel supports the case on CUDA)")
+    profile.add_argument("--backend", choices=BACKENDS, default=None,
+                         help="dispatch backend (default: FASTGPT_BACKEND if set, else auto: Triton where a kernel "
+                              "supports the case on CUDA)")
     profile.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     profile.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed warm-up steps (default 2)")
     profile.add_argument("--iters", type=_positive_int, default=None,
                          help="timed steps (default 10 forward passes, 5 train steps, 3 generate calls)")
-    profile.add_argument("--seed", type=int, default=123, help="seed for weights and input ids")
+    profile.add_argument("--seed", type=_seed, default=123, help="seed for weights and input ids")
     profile.add_argument("--peak-tflops", type=_positive_float, default=None, metavar="TFLOPS",
                          help="the device's peak TFLOP/s for MFU (default: known for H100/H200/A100, else MFU is n/a)")
     profile.add_argument("--compare", action="store_true",
@@ -82,8 +95,12 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="sample among the K most likely tokens only")
     generate.add_argument("--top-p", type=_probability, default=None, metavar="P",
                           help="sample among the most likely tokens holding probability P (nucleus sampling)")
-    generate.add_argument("--seed", type=int, default=123, help="seed for sampling and for the random model")
-    generate.add_argument("--backend", choices=list(ops.BACKENDS), default="auto", help="dispatch backend (default auto)")
+    generate.add_argument("--n-heads", type=_positive_int, default=None, metavar="N",
+                          help="attention heads of a --checkpoint state dict (a state dict does not record them; "
+                               "default: GPT-2's for its width, with a warning)")
+    generate.add_argument("--seed", type=_seed, default=123, help="seed for sampling and for the random model")
+    generate.add_argument("--backend", choices=BACKENDS, default=None,
+                          help="dispatch backend (default: FASTGPT_BACKEND if set, else auto)")
     generate.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     return parser
 
@@ -109,6 +126,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not _SEEDS[0] <= value <= _SEEDS[1]:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64 - 1], got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not 0 < value < float("inf"):
@@ -118,17 +142,15 @@ def _positive_float(text: str) -> float:
 
 def _profile(args) -> int:
     import json
-    import os
 
-    from .profiling import compare, profile, report_json
+    from .profiling import check_writable, compare, profile, report_json
 
     def log(message: str) -> None:
         if not args.quiet:
             print(f"[fastgpt] {message}", file=sys.stderr, flush=True)
 
-    if args.json not in (None, "-") and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        # Checked before minutes of profiling, not after.
-        raise ValueError(f"cannot write the JSON report to {args.json}: its folder does not exist")
+    if args.json not in (None, "-"):
+        check_writable(args.json, "JSON report")  # before minutes of profiling, not after
     options = dict(size=args.size, batch=args.batch, seq_len=args.seq_len, dtype=args.dtype, device=args.device,
                    mode=args.mode, new_tokens=args.new_tokens, warmup=args.warmup, iters=args.iters,
                    seed=args.seed, peak_tflops=args.peak_tflops, trace=args.trace, profile_ops=not args.no_ops)
@@ -138,7 +160,7 @@ def _profile(args) -> int:
         comparison = compare(log=log, **options)
         text, report = comparison.format(), report_json([comparison.eager, comparison.triton], comparison)
     else:
-        result = profile(backend=args.backend or "auto", log=log, **options)
+        result = profile(backend=args.backend, log=log, **options)
         text, report = result.format(), report_json([result])
     if args.json == "-":
         print(json.dumps(report, indent=2))
@@ -152,35 +174,50 @@ def _profile(args) -> int:
     return 0
 
 
+def _note(message: str) -> None:
+    print(f"[fastgpt] {message}", file=sys.stderr, flush=True)
+
+
 def _generate(args) -> int:
     import time
 
     import torch
 
+    from . import ops
     from .checkpoints import from_pretrained
     from .config import gpt2_config
     from .generation import generate_stream
     from .model import GPTModel
-    from .profiling import default_device
+    from .profiling import resolve_device
     from .tokenizer import get_tokenizer, text_to_token_ids
 
     if not args.prompt:
         raise ValueError("the prompt is empty; give some text to continue")
-    ops.set_backend(args.backend)
-    device = torch.device(args.device) if args.device else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if args.n_heads is not None and args.checkpoint is None:
+        raise ValueError("--n-heads applies to a --checkpoint state dict; the random GPT-2 small has 12")
+    if args.backend is not None:
+        ops.set_backend(args.backend)
+    device = resolve_device(args.device)
     tokenizer = get_tokenizer()
     if args.checkpoint is None:
-        print(f"[fastgpt] no --checkpoint: a random GPT-2 small (seed {args.seed}); its output is untrained noise",
-              file=sys.stderr, flush=True)
+        _note(f"no --checkpoint: a random GPT-2 small (seed {args.seed}); its output is untrained noise")
         torch.manual_seed(args.seed)
         model = GPTModel(gpt2_config("gpt2-small"))
     else:
-        model = from_pretrained(args.checkpoint)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = from_pretrained(args.checkpoint, **({} if args.n_heads is None else {"n_heads": args.n_heads}))
+        for warning in caught:
+            _note(f"warning: {warning.message}")
     model = model.to(device).eval()
     vocab_size, context_length = model.cfg["vocab_size"], model.cfg["context_length"]
     idx = text_to_token_ids(args.prompt, tokenizer).to(device)
+    if idx.shape[1] > context_length:
+        _note(f"the prompt is {idx.shape[1]} tokens, more than the model's context of {context_length}: it sees "
+              f"the last {context_length}")
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        _note("--top-k and --top-p shape sampling only; with --temperature 0 (the default) the most likely token "
+              "is taken: give --temperature above 0 to sample")
     stream = generate_stream(model, idx, args.max_new_tokens, context_length, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p,
                              eos_id=tokenizer.eot_token if tokenizer.eot_token < vocab_size else None,
@@ -196,8 +233,7 @@ def _generate(args) -> int:
         print(decoder.decode(piece), end="", flush=True)
     elapsed = time.perf_counter() - start
     print(decoder.decode(b"", final=True), flush=True)
-    print(f"[fastgpt] {count} new tokens in {elapsed:.2f} s ({count / elapsed:.1f} tokens/s) on {device}",
-          file=sys.stderr, flush=True)
+    _note(f"{count} new tokens in {elapsed:.2f} s ({count / elapsed:.1f} tokens/s) on {device}")
     return 0
 
 
@@ -207,12 +243,19 @@ def main(argv=None) -> int:
     try:
         if args.command == "profile":
             return _profile(args)
-        if args.command == "generate":
-            return _generate(args)
-    except (ValueError, TypeError, ops.BackendError, RuntimeError, FileNotFoundError) as err:
-        # Errors with a message meant for the user: no traceback.
+        return _generate(args)
+    except BrokenPipeError:
+        # The reader went away (`fastgpt generate ... | head`): stop quietly, and keep
+        # Python's exit-time flush from raising again on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nfastgpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, RuntimeError, OSError) as err:
+        # Errors with a message meant for the user (CheckpointError and BackendError among
+        # them): no traceback. OSError: a file that cannot be read or written.
         parser.exit(2, f"fastgpt {args.command}: error: {err}\n")
-    return 1
 
 
 if __name__ == "__main__":

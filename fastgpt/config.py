@@ -66,6 +66,31 @@ def gpt2_config(name: str = "gpt2-small", **overrides) -> dict:
 
 _INT_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
 
+# Sizes no GPT-2 comes near (GPT-2 XL: 48 blocks, 1.6e9 parameters). A config past
+# them is almost surely a typo, and building it would stall or exhaust memory
+# long before any error, so it is refused up front.
+MAX_LAYERS = 1024
+MAX_PARAMETERS = 2**34
+
+
+def parameter_count_of(cfg) -> int:
+    """Parameters of a ``GPTModel(cfg)``, counted from the config alone (nothing is built)."""
+    return sum(_parameters_by_part(cfg).values())
+
+
+def _parameters_by_part(cfg) -> dict[str, int]:
+    d, vocab = cfg["emb_dim"], cfg["vocab_size"]
+    qkv = 3 * d * d + (3 * d if cfg["qkv_bias"] else 0)
+    out_proj = d * d + d
+    feed_forward = (d * 4 * d + 4 * d) + (4 * d * d + d)
+    norms = 2 * 2 * d
+    return {
+        "tok_emb and out_head (vocab_size × emb_dim each)": 2 * vocab * d,
+        "pos_emb (context_length × emb_dim)": cfg["context_length"] * d,
+        "the transformer blocks (n_layers of them)": cfg["n_layers"] * (qkv + out_proj + feed_forward + norms),
+        "final_norm": 2 * d,
+    }
+
 
 def validate_config(cfg) -> None:
     """Raise a ValueError/TypeError naming the first problem with a model config."""
@@ -91,3 +116,13 @@ def validate_config(cfg) -> None:
         raise ValueError(
             f"config['emb_dim'] ({cfg['emb_dim']}) must be divisible by config['n_heads'] ({cfg['n_heads']})"
         )
+    if cfg["n_layers"] > MAX_LAYERS:
+        raise ValueError(f"config['n_layers'] is {cfg['n_layers']}, more than fastgpt builds ({MAX_LAYERS}; "
+                         "GPT-2 has 12 to 48)")
+    parts = _parameters_by_part(cfg)
+    parameters = sum(parts.values())
+    if parameters > MAX_PARAMETERS:
+        largest = max(parts, key=parts.get)
+        raise ValueError(f"this config makes a model of {parameters:.3g} parameters ({4 * parameters / 2**30:,.0f} GiB "
+                         f"in float32), more than fastgpt builds ({MAX_PARAMETERS:.3g}; GPT-2 XL has 1.6e9), "
+                         f"{parts[largest]:.3g} of them in {largest}: check the sizes")

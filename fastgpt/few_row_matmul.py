@@ -64,8 +64,12 @@ def plain_linear(module: nn.Module) -> bool:
 
     A layer replaced by a wrapper (LoRA, quantisation, ...) must be called as a module instead.
     """
-    return (type(module) is nn.Linear and "forward" not in module.__dict__
-            and not module._forward_hooks and not module._forward_pre_hooks
+    return type(module) is nn.Linear and unhooked(module)
+
+
+def unhooked(module: nn.Module) -> bool:
+    """True when calling ``module`` runs its class's forward and nothing else (no hook, no patched forward)."""
+    return ("forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks
             and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
 
 

@@ -114,8 +114,10 @@ def _check_idx(idx) -> None:
     """The checks any model needs; a fastgpt model's vocabulary and context are checked after."""
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"idx must be a torch.Tensor of token ids, shape (batch, seq_len), got {type(idx).__name__}")
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise TypeError(f"idx must be an integer tensor (torch.long), got dtype {idx.dtype}")
+    if idx.dtype not in (torch.long, torch.int32):  # the id types nn.Embedding takes
+        other_ints = not (idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool)
+        raise TypeError(f"idx must be an integer tensor (torch.long), got dtype {idx.dtype}"
+                        + ("; convert it with idx.long()" if other_ints else ""))
     if idx.dim() != 2 or idx.numel() == 0:
         hint = "; add a batch dimension with idx.unsqueeze(0)" if idx.dim() == 1 else ""
         raise ValueError(f"idx must be a non-empty (batch, seq_len) tensor, got shape {tuple(idx.shape)}{hint}")
@@ -153,7 +155,14 @@ class _Sampler:
             # Each row's own k-th largest logit is its threshold.
             kth_largest = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-        probs = torch.softmax(logits / self.temperature, dim=-1)
+        scaled = logits / self.temperature
+        # A row whose largest scaled logit is not finite (a +inf logit, or a temperature so
+        # small that the division overflows) has softmax's limit: all the probability on
+        # its largest logits, shared equally.
+        top = logits.amax(dim=-1, keepdim=True)
+        limit = torch.where(logits == top, 0.0, float("-inf"))
+        scaled = torch.where(torch.isfinite(scaled.amax(dim=-1, keepdim=True)), scaled, limit)
+        probs = torch.softmax(scaled, dim=-1)
         if self.top_p is not None and self.top_p < 1.0:
             probs = _nucleus(probs, self.top_p)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)

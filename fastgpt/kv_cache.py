@@ -102,6 +102,12 @@ class LayerKVCache:
         keys, values: (batch, heads, new_tokens, head_dim). Returns views of the
         cache of shape (batch, heads, start + new_tokens, head_dim).
         """
+        stored = self.cache.keys
+        if keys.dtype != stored.dtype or keys.device != stored.device:
+            # Storing would cast or copy silently, and attention would then fail on mixed inputs.
+            raise ValueError(f"the KV cache holds {stored.dtype} on {stored.device} but the model computes "
+                             f"{keys.dtype} on {keys.device}; make the cache with KVCache.for_model(model, "
+                             "batch_size), after any model.to(...)")
         end = self.cache.length + keys.shape[2]
         layer_keys, layer_values = self.cache.keys[self.index], self.cache.values[self.index]
         layer_keys[:, :, self.cache.length:end] = keys

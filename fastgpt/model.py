@@ -10,13 +10,18 @@ dropout on embeddings, attention weights and both residual branches.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
 from .config import validate_config
-from .few_row_matmul import apply_linear, few_row_linear, plain_linear
+from .few_row_matmul import apply_linear, few_row_linear, plain_linear, unhooked
+from .fused_qkv import FusedQKV, QKVPart
 from .kv_cache import KVCache
+from .loss import fused_linear_cross_entropy
 
 
 class LayerNorm(nn.Module):
@@ -51,7 +56,9 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # layers[0] + layers[1] as one op, so the Triton path can fuse the bias
         # add into the activation; the parameters stay where the seed keeps them.
-        expand, _, project = self.layers
+        expand, activation, project = self.layers
+        if not (plain_linear(expand) and expand.bias is not None and type(activation) is GELU):
+            return self.layers(x)  # a wrapped (LoRA, ...) or replaced layer runs as a module
         return project(ops.linear_gelu(x, expand.weight, expand.bias))
 
 
@@ -61,7 +68,12 @@ def causal_mask(context_length: int, *, dtype=torch.float32, device=None) -> tor
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention with separate query/key/value projections.
+    """Causal multi-head self-attention; query, key and value computed by one matmul.
+
+    The three projections share one (3·d_out, d_in) parameter, ``qkv``
+    (fastgpt/fused_qkv.py); ``W_query``, ``W_key`` and ``W_value`` are the
+    seed's layers over its rows: same attributes, state-dict keys and seeded
+    weights, and a wrapped one (LoRA, ...) is called as a module.
 
     The seed keeps a (context_length × context_length) ``mask`` buffer; fastgpt
     never needs it (the attention op is causal by construction), so it is not
@@ -77,9 +89,9 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
         self.context_length = context_length
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.qkv = FusedQKV(d_in, d_out, bias=qkv_bias)
+        # Each part draws its rows' initial values as the seed's nn.Linear would, in the seed's order.
+        self.W_query, self.W_key, self.W_value = (QKVPart(self.qkv, i) for i in range(3))
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
         self.register_load_state_dict_pre_hook(_accept_mask)
@@ -87,39 +99,21 @@ class MultiHeadAttention(nn.Module):
     @property
     def mask(self) -> torch.Tensor:
         """The seed's mask buffer, built on demand (fastgpt stores no copy of it)."""
-        weight = self.out_proj.weight
+        weight = self.qkv.weight  # out_proj may be wrapped (LoRA); the fused parameter never is
         if weight.is_meta:  # shape only; triu on meta tensors would import torch._dynamo
             return torch.empty(self.context_length, self.context_length, dtype=weight.dtype, device="meta")
         return causal_mask(self.context_length, dtype=weight.dtype, device=weight.device)
-
-    def fused_qkv(self):
-        """(weight, bias) of one (3·d_out, d_in) projection computing query, key and value, or None.
-
-        Available when W_query, W_key and W_value are side-by-side views of one
-        buffer, as ``from_pretrained`` lays them out (GPT-2's own fused c_attn):
-        then one matmul reads all three, which is faster than three when
-        generating one token at a time. The result views that buffer (no copy).
-        Used only where no gradient is recorded: autograd would not route one
-        back to the three parameters.
-        """
-        projections = self.W_query, self.W_key, self.W_value
-        if not all(plain_linear(p) for p in projections):
-            return None  # a wrapped layer (LoRA, ...) computes more than its weight
-        weights = tuple(p.weight for p in projections)
-        weight = side_by_side_view(weights, self.d_out, dim=0)
-        if weight is None:
-            return None
-        biases = self.W_query.bias, self.W_key.bias, self.W_value.bias
-        if biases[0] is None:
-            return weight, None
-        bias = side_by_side_view(biases, self.d_out, dim=0)
-        return None if bias is None else (weight, bias)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # Where the seed's persistent buffer would be saved: before the child
         # modules' keys, so state_dict() lists the keys in the seed's order.
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "mask"] = self.mask
+
+    def _projections_fused(self) -> bool:
+        """True while W_query, W_key and W_value are this module's own, unwrapped parts of ``qkv``."""
+        return all(type(part) is QKVPart and part.fused is self.qkv and unhooked(part)
+                   for part in (self.W_query, self.W_key, self.W_value))
 
     def forward(self, x: torch.Tensor, layer_cache=None) -> torch.Tensor:
         """x: (batch, tokens, d_in). With ``layer_cache`` (a ``LayerKVCache``), x holds
@@ -130,15 +124,11 @@ class MultiHeadAttention(nn.Module):
         def heads(t):
             return t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
-        # The fused view is found by comparing storage pointers, which torch.compile
-        # cannot trace; compiled graphs fuse the three matmuls themselves.
-        eager_inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        fused = self.fused_qkv() if eager_inference else None
-        if fused is None:
-            queries, keys, values = heads(self.W_query(x)), heads(self.W_key(x)), heads(self.W_value(x))
-        else:  # one matmul for all three projections
-            qkv = few_row_linear(x, *fused)
+        if self._projections_fused():  # one matmul for all three projections
+            qkv = few_row_linear(x, self.qkv.weight, self.qkv.bias)
             queries, keys, values = (heads(t) for t in qkv.split(self.d_out, dim=-1))
+        else:  # a replaced or wrapped projection computes more than its rows
+            queries, keys, values = heads(self.W_query(x)), heads(self.W_key(x)), heads(self.W_value(x))
         dropout_p = self.dropout.p if self.training else 0.0
         if layer_cache is None:
             context = ops.causal_attention(queries, keys, values, dropout_p=dropout_p)
@@ -147,21 +137,6 @@ class MultiHeadAttention(nn.Module):
             context = ops.cached_attention(queries, keys, values, dropout_p=dropout_p)
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         return apply_linear(self.out_proj, context)
-
-
-def side_by_side_view(parts, size: int, dim: int):
-    """The tensor that ``parts`` (equal views of one storage, ``size`` apart along ``dim``) tile, else None."""
-    first = parts[0]
-    step = first.stride(dim) * size
-    storage = first.untyped_storage().data_ptr()
-    for i, part in enumerate(parts):
-        if (part.shape != first.shape or part.stride() != first.stride() or part.dtype != first.dtype
-                or part.untyped_storage().data_ptr() != storage
-                or part.storage_offset() != first.storage_offset() + i * step):
-            return None
-    shape = list(first.shape)
-    shape[dim] *= len(parts)
-    return first.as_strided(shape, first.stride())
 
 
 def _accept_mask(module: MultiHeadAttention, state_dict, prefix, local_metadata, strict,
@@ -250,28 +225,71 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        self.register_load_state_dict_pre_hook(_check_tied_head)
 
-    def forward(self, in_idx: torch.Tensor, *, kv_cache=None, last_logits_only: bool = False) -> torch.Tensor:
-        """Logits (batch, seq_len, vocab_size) for token ids (batch, seq_len).
+    def forward(self, in_idx: torch.Tensor, *, kv_cache=None, last_logits_only: bool = False,
+                targets: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                chunk_size: Optional[int] = None) -> torch.Tensor:
+        """Logits (batch, seq_len, vocab_size) for token ids (batch, seq_len); with ``targets``, the loss.
 
-        Keyword-only extras for generation; the defaults are the seed's forward:
+        Keyword-only extras; the defaults are the seed's forward:
 
         * ``kv_cache``: a ``fastgpt.KVCache``. ``in_idx`` then holds the tokens
           that follow the ``kv_cache.length`` positions already cached; they sit
           at positions ``length .. length + seq_len - 1`` and are cached in turn.
         * ``last_logits_only``: compute the final norm and output head for the
           last position only, returning (batch, 1, vocab_size).
+        * ``targets`` (batch, seq_len): return ``F.cross_entropy(logits.flatten(0, 1),
+          targets.flatten(), ignore_index=..., reduction=...)`` without building the
+          logits (see ``loss``). Through ``forward``, so a DDP or FSDP wrapper, or
+          ``torch.compile``, runs it as it runs the model.
         """
         check_token_ids(in_idx, self.cfg["vocab_size"], self.cfg["context_length"], self.tok_emb.weight.device)
+        if targets is not None:
+            if kv_cache is not None or last_logits_only:
+                raise ValueError("targets (a training loss) cannot be combined with kv_cache or last_logits_only")
+            return self._loss(in_idx, targets, ignore_index, reduction, chunk_size)
         if kv_cache is not None:
             if not isinstance(kv_cache, KVCache):
                 raise TypeError(f"kv_cache must be a fastgpt.KVCache or None, got {type(kv_cache).__name__}")
             kv_cache.check_fits(self.cfg, in_idx.shape[0], in_idx.shape[1])
         return self._logits(in_idx, kv_cache, last_logits_only)
 
-    def _logits(self, in_idx: torch.Tensor, kv_cache=None, last_logits_only: bool = False) -> torch.Tensor:
-        # forward() without the argument checks: generation checks its inputs
-        # once, then calls this for every token without a device sync per call.
+    def hidden_states(self, in_idx: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm's output (batch, seq_len, emb_dim): what ``out_head`` turns into logits.
+
+        For a loss of your own over the output head (``loss`` is this plus
+        ``fastgpt.fused_linear_cross_entropy``).
+        """
+        check_token_ids(in_idx, self.cfg["vocab_size"], self.cfg["context_length"], self.tok_emb.weight.device)
+        return self._hidden(in_idx)
+
+    def loss(self, in_idx: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
+             reduction: str = "mean", chunk_size: Optional[int] = None) -> torch.Tensor:
+        """``F.cross_entropy(model(in_idx).flatten(0, 1), targets.flatten())``, without building the logits.
+
+        targets: (batch, seq_len) token ids, ``ignore_index`` where no loss is
+        wanted. The output head and the loss run chunk by chunk
+        (``fastgpt.fused_linear_cross_entropy``), so the (batch · seq_len ×
+        vocab_size) logits, their softmax and their gradient never exist at once.
+        An output head replaced by a wrapper (LoRA, ...) is called as a module,
+        through its logits. Same as ``model(in_idx, targets=targets, ...)``.
+        """
+        return self(in_idx, targets=targets, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)
+
+    def _loss(self, in_idx, targets, ignore_index, reduction, chunk_size) -> torch.Tensor:
+        if not isinstance(targets, torch.Tensor) or targets.shape != in_idx.shape:
+            shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"targets must be a tensor of the inputs' shape {tuple(in_idx.shape)}, got {shape}")
+        head = self.out_head
+        if not (plain_linear(head) and head.bias is None):  # a wrapped head computes more than its weight
+            logits = head(self._hidden(in_idx))
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
+                                   reduction=reduction)
+        return fused_linear_cross_entropy(self._hidden(in_idx), head.weight, targets, ignore_index=ignore_index,
+                                          reduction=reduction, chunk_size=chunk_size)
+
+    def _hidden(self, in_idx: torch.Tensor, kv_cache=None, last_only: bool = False) -> torch.Tensor:
         seq_len = in_idx.shape[1]
         start = 0 if kv_cache is None else kv_cache.length
         tok_embeds = self.tok_emb(in_idx)
@@ -283,10 +301,14 @@ class GPTModel(nn.Module):
             for block, layer_cache in zip(self.trf_blocks, kv_cache.layers):
                 x = block(x, layer_cache)
             kv_cache.length = start + seq_len  # only once every layer has stored its part
-        if last_logits_only:
+        if last_only:
             x = x[:, -1:, :]
-        x = self.final_norm(x)
-        return apply_linear(self.out_head, x)
+        return self.final_norm(x)
+
+    def _logits(self, in_idx: torch.Tensor, kv_cache=None, last_logits_only: bool = False) -> torch.Tensor:
+        # forward() without the argument checks: generation checks its inputs
+        # once, then calls this for every token without a device sync per call.
+        return apply_linear(self.out_head, self._hidden(in_idx, kv_cache, last_logits_only))
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> "GPTModel":
@@ -300,3 +322,41 @@ class GPTModel(nn.Module):
         from .checkpoints import save_pretrained
 
         save_pretrained(self, directory)
+
+
+def tie_weights(model: GPTModel) -> GPTModel:
+    """Make the output head and the token embedding one parameter, as GPT-2's release and transformers do.
+
+    Off by default, as in the seed's model: there the head is a matrix of its
+    own (163M parameters for GPT-2 small against 124M tied). The head takes the
+    embedding's values. ``state_dict()`` still lists both keys (the same
+    tensor), so the seed's model loads it; loading a checkpoint whose two
+    tensors differ into a tied model is refused rather than half-applied.
+    Returns the model.
+    """
+    if not isinstance(model, GPTModel):
+        raise TypeError(f"tie_weights takes a fastgpt GPTModel, got {type(model).__name__}")
+    head, embedding = model.out_head, model.tok_emb
+    if not plain_linear(head) or head.bias is not None:
+        raise ValueError("tie_weights: the output head has been replaced or given a bias; tie before wrapping it")
+    if head.weight.shape != embedding.weight.shape:
+        raise ValueError(f"tie_weights: the output head {tuple(head.weight.shape)} and the token embedding "
+                         f"{tuple(embedding.weight.shape)} differ in shape")
+    head.weight = embedding.weight
+    return model
+
+
+def weights_tied(model: GPTModel) -> bool:
+    """True when the output head and the token embedding are one parameter (``tie_weights``)."""
+    return getattr(model.out_head, "weight", None) is model.tok_emb.weight
+
+
+def _check_tied_head(module: GPTModel, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                     error_msgs) -> None:
+    head, embedding = state_dict.get(prefix + "out_head.weight"), state_dict.get(prefix + "tok_emb.weight")
+    if not weights_tied(module) or head is None or embedding is None or head is embedding:
+        return
+    if head.shape == embedding.shape and not head.is_meta and not torch.equal(head, embedding.to(head.device)):
+        error_msgs.append(f"{prefix}out_head.weight differs from {prefix}tok_emb.weight, but this model's output "
+                          "head is tied to its token embedding (fastgpt.tie_weights): load the checkpoint into an "
+                          "untied GPTModel")

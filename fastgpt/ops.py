@@ -12,9 +12,9 @@ Each one picks a path:
   without ``TRITON_INTERPRET=1`` (the Triton interpreter, used by the tests).
 * ``eager``: forced eager PyTorch.
 
-Choose with ``set_backend(name, op=None)``, the ``use_backend(...)`` context
-manager, or the environment variable ``FASTGPT_BACKEND`` read at import, e.g.
-``FASTGPT_BACKEND=eager`` or ``FASTGPT_BACKEND=auto,causal_attention=eager``.
+Choose with ``set_backend(name, op=None)`` (process-wide), the ``use_backend(...)``
+context manager (this thread or asyncio task only), or the environment variable
+``FASTGPT_BACKEND`` read at import, e.g. ``FASTGPT_BACKEND=eager`` or ``FASTGPT_BACKEND=auto,causal_attention=eager``.
 
 Every call is counted in ``dispatch_counts[(op, path)]`` (outside torch.compile
 tracing), so tests and the profiler can see which path really ran.
@@ -25,8 +25,11 @@ Triton is imported lazily, only when a Triton path is considered, so
 
 from __future__ import annotations
 
+import contextvars
 import importlib
+import itertools
 import os
+import threading
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "triton", "eager")
-OPS = ("layer_norm", "gelu", "causal_attention", "linear_gelu", "dropout_add_layer_norm", "cached_attention")
+OPS = ("layer_norm", "gelu", "causal_attention", "linear_gelu", "dropout_add_layer_norm", "cached_attention",
+       "linear_cross_entropy")
 ENV_VAR = "FASTGPT_BACKEND"
 
 
@@ -45,6 +49,12 @@ class BackendError(RuntimeError):
 
 
 # ---------------------------------------------------------------- backend choice
+#
+# Two layers. ``set_backend`` (and FASTGPT_BACKEND) set the process-wide choice.
+# ``use_backend`` scopes sit on top of it, per thread and per asyncio task: they
+# live in a context variable, so one thread's scope never reaches another's ops,
+# and each scope removes only itself when it exits, in whatever order scopes end
+# (generators, tasks).
 
 def _check_backend(name: str) -> str:
     if name not in BACKENDS:
@@ -59,15 +69,28 @@ def _check_op(op: str) -> str:
 
 
 def parse_backend_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """Parse ``"eager"`` or ``"auto,causal_attention=triton"`` into (default, per-op)."""
-    default, per_op = "auto", {}
+    """Parse ``"eager"`` or ``"auto,causal_attention=triton"`` into (default, per-op).
+
+    A spec that says two different things (``eager,triton``, ``gelu=eager,gelu=triton``) is an error.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"a backend spec is a string like 'auto,gelu=eager', got {type(spec).__name__}")
+    default, per_op = None, {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         if "=" in part:
             op, name = (s.strip() for s in part.split("=", 1))
-            per_op[_check_op(op)] = _check_backend(name)
+            _check_op(op)
+            _check_backend(name)
+            if per_op.get(op, name) != name:
+                raise ValueError(f"conflicting backends for {op}: {per_op[op]!r} and {name!r}")
+            per_op[op] = name
         else:
-            default = _check_backend(part)
-    return default, per_op
+            _check_backend(part)
+            if default not in (None, part):
+                raise ValueError(f"conflicting default backends {default!r} and {part!r}; give one, "
+                                 "and per-op choices as op=backend")
+            default = part
+    return default or "auto", per_op
 
 
 def _from_environment() -> tuple[str, dict[str, str]]:
@@ -78,39 +101,72 @@ def _from_environment() -> tuple[str, dict[str, str]]:
         raise ValueError(f"environment variable {ENV_VAR}={spec!r}: {err}") from None
 
 
-_default_backend, _op_backends = _from_environment()
+# The process-wide choice: (default, {op: backend}). Replaced whole, never changed
+# in place, so a thread reading it never sees half of a set_backend.
+_global_choice: tuple[str, dict[str, str]] = _from_environment()
+_global_lock = threading.Lock()
+
+# This thread's or task's open scopes, oldest first: (scope id, backend, op or None).
+_scopes: contextvars.ContextVar[tuple[tuple[int, str, Optional[str]], ...]] = \
+    contextvars.ContextVar("fastgpt_backend_scopes", default=())
+_scope_ids = itertools.count()
+
+
+@torch.compiler.assume_constant_result
+def _open_scopes() -> tuple[tuple[int, str, Optional[str]], ...]:
+    # torch.compile cannot read a context variable: it reads this once per
+    # compilation instead (a compiled graph keeps the scopes it was traced under;
+    # set_backend changes still recompile, as dynamo guards the global choice).
+    return _scopes.get()
 
 
 def set_backend(name: str, op: Optional[str] = None) -> None:
-    """Select ``auto``/``triton``/``eager`` for every op, or for one op by name."""
-    global _default_backend
+    """Select ``auto``/``triton``/``eager`` for every op, or for one op by name, process-wide.
+
+    Open ``use_backend`` scopes of a thread still take precedence in that thread.
+    """
+    global _global_choice
     _check_backend(name)
-    if op is None:
-        _default_backend = name
-        _op_backends.clear()
-    else:
-        _op_backends[_check_op(op)] = name
+    if op is not None:
+        _check_op(op)
+    with _global_lock:
+        default, per_op = _global_choice
+        _global_choice = (name, {}) if op is None else (default, {**per_op, op: name})
 
 
 def get_backend(op: Optional[str] = None) -> str:
-    """The backend in force for ``op`` (or the default for all ops)."""
+    """The backend in force for ``op`` (or the default for all ops) in this thread or task."""
+    default, per_op = _global_choice
     if op is None:
-        return _default_backend
-    return _op_backends.get(_check_op(op), _default_backend)
+        name = default
+    else:
+        name = per_op.get(_check_op(op), default)
+    for _, scoped, scoped_op in _open_scopes():
+        if scoped_op is None or scoped_op == op:  # a scope for every op overrides per-op choices
+            name = scoped
+    return name
+
+
+def backend_spec() -> str:
+    """The choice in force here as a spec (``"auto"``, ``"eager,gelu=triton"``): what FASTGPT_BACKEND takes."""
+    default = get_backend()
+    overrides = [f"{op}={get_backend(op)}" for op in OPS if get_backend(op) != default]
+    return ",".join([default, *overrides])
 
 
 @contextmanager
 def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
-    """Context manager: ``with use_backend("eager"): model(idx)``."""
-    global _default_backend
-    saved = _default_backend, dict(_op_backends)
-    set_backend(name, op)
+    """Context manager: ``with use_backend("eager"): model(idx)``, for this thread or task only."""
+    _check_backend(name)
+    if op is not None:
+        _check_op(op)
+    scope = (next(_scope_ids), name, op)
+    _scopes.set((*_scopes.get(), scope))
     try:
         yield
     finally:
-        _default_backend = saved[0]
-        _op_backends.clear()
-        _op_backends.update(saved[1])
+        # Remove this scope only, wherever it sits: scopes may close out of order.
+        _scopes.set(tuple(s for s in _scopes.get() if s[0] != scope[0]))
 
 
 # ---------------------------------------------------------------- observability
@@ -153,6 +209,8 @@ _KERNEL_LOCATIONS: dict[str, tuple[str, str, str]] = {
     "linear_gelu": ("fastgpt.kernels.gelu", "linear_gelu", "supports_linear_gelu"),
     "causal_attention": ("fastgpt.kernels.attention", "causal_attention", "supports"),
     "cached_attention": ("fastgpt.kernels.decode_attention", "decode_attention", "supports"),
+    # The per-chunk softmax of fastgpt.loss.fused_linear_cross_entropy (which calls select_path itself).
+    "linear_cross_entropy": ("fastgpt.kernels.cross_entropy", "cross_entropy_rows", "supports_loss"),
 }
 _kernels: dict[str, TritonKernel] = {}
 
@@ -250,8 +308,17 @@ def _check_dropout(op: str, p) -> None:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {p}")
 
 
+def _check_eps(op: str, eps) -> None:
+    # Both paths: a zero, negative or NaN eps divides by sqrt(var + eps) <= 0, silently.
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
+    if not 0.0 < eps < float("inf"):
+        raise ValueError(f"{op}: eps must be a positive finite number, got {eps}")
+
+
 def layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim: scale * (x - mean) / sqrt(var + eps) + shift, biased var."""
+    _check_eps("layer_norm", eps)
     path, kernel = select_path("layer_norm", x, scale, shift, eps)
     _record("layer_norm", path)
     if kernel is not None:
@@ -274,6 +341,9 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     Eager: one addmm (bias included) then GELU. Triton: the matmul without bias,
     then bias add + GELU fused in one pass over memory.
     """
+    if not isinstance(bias, torch.Tensor):  # the Triton path adds the bias itself: it needs one
+        raise TypeError(f"linear_gelu: bias must be a tensor (the FeedForward's first Linear has one), "
+                        f"got {type(bias).__name__}; without a bias call ops.gelu(F.linear(x, weight))")
     path, kernel = select_path("linear_gelu", x, weight, bias)
     _record("linear_gelu", path)
     if kernel is not None:
@@ -290,6 +360,7 @@ def dropout_add_layer_norm(x: torch.Tensor, branch: torch.Tensor, scale: torch.T
     normalised output once.
     """
     _check_dropout("dropout_add_layer_norm", dropout_p)
+    _check_eps("dropout_add_layer_norm", eps)
     path, kernel = select_path("dropout_add_layer_norm", x, branch, scale, shift, eps, dropout_p)
     _record("dropout_add_layer_norm", path)
     if kernel is not None:
@@ -321,9 +392,15 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     positions (KV-cache decoding and chunked prefill). Query i may see keys
     0 .. kv_len - q_len + i: the causal mask aligned bottom-right, where
     ``causal_attention`` (equal lengths) aligns it top-left. One query token
-    sees every key, so it needs no mask at all.
+    sees every key, so it needs no mask at all. Equal lengths (a fresh prefill)
+    are handed to ``causal_attention`` and counted there.
     """
     _check_dropout("cached_attention", dropout_p)
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == k.dim() == 4 \
+            and q.shape[-2] == k.shape[-2]:
+        # A fresh prefill (every key is one of the queries) is exactly causal
+        # attention: its kernel takes any length, where the decode kernel takes ≤ 16.
+        return causal_attention(q, k, v, dropout_p)
     path, kernel = select_path("cached_attention", q, k, v, dropout_p)
     _record("cached_attention", path)
     if kernel is not None:
@@ -334,7 +411,5 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
                          "the keys must include the queries' own positions")
     if q_len == 1:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    if q_len == kv_len:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(diagonal=kv_len - q_len)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)

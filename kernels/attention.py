@@ -1,56 +1,73 @@
 """Fused causal attention, FlashAttention-2 style: forward, backward and in-kernel dropout.
 
-For one (batch, head), queries Q, keys K, values V ∈ R^{T×d}, scale σ = 1/sqrt(d):
+For one (batch, head), queries Q ∈ R^{T×d}, keys and values K, V ∈ R^{S×d}
+(S = T, or S > T for a chunked prefill over a KV cache), scale σ = 1/sqrt(d),
+and c = σ·log2(e):
 
-    S = σ · Q Kᵀ,  S_ij = −∞ for j > i (causal)     P = softmax_rows(S)
-    O = (P ∘ Z / (1 − p)) V                          Z_ij ~ Bernoulli(1 − p): dropout keep-mask
+    S_ij = Q_i · K_j,   visible iff j ≤ i + (S − T)   (causal, aligned bottom-right)
+    P = softmax_rows(σ S)                             O = (P ∘ Z / (1 − p)) V
 
-Forward: each program owns BLOCK_M query rows and walks the key blocks left of
-and on the diagonal (blocks above it are skipped; only diagonal blocks are
-masked), keeping a running max m and sum l (online softmax) in float32, in
-base 2 with σ·log2(e) folded into the scores. No T×T matrix is stored; the
-row log-sum-exp (base 2) L = m + log2(l) is saved for the backward.
+Z is the dropout keep-mask (kernels/dropout.py): a pure function of (seed,
+batch·head, i, j), one Philox call per 16 scores, p rounded to a multiple of
+1/256 -- the backward regenerates exactly the forward's Z.
 
-Backward recomputes P = exp2(σ·log2(e)·QKᵀ − L) tile by tile:
+**Forward.** Each program owns BLOCK_M query rows and walks the key blocks
+every row sees in full (no mask), then the diagonal band (masked), keeping in
+float32 a running maximum m of the *raw* scores and a running sum l, so each
+score costs one fused multiply-add, 2^(c·s − c·m), before its exp2. No T×T
+matrix is stored; the row log-sum-exp in base 2, L = c·m + log2(l), is saved.
+The query blocks sit on the slow grid axis in reverse, so the longest rows
+(causal work grows along the diagonal) start first and the short ones fill
+the tail. On sm_90 the Q, K, V and O tiles move through the tensor memory
+accelerator (host-side tensor descriptors, TMA); elsewhere through pointers.
 
-    Δ_i  = Σ_d dO_id O_id                        (preprocess kernel)
-    dV   = (P ∘ Z/(1−p))ᵀ dO
-    dP   = (dO Vᵀ) ∘ Z/(1−p)        dS = P ∘ (dP − Δ)
-    dK   = σ dSᵀ Q                  dQ = σ dS K
+**Backward**, one kernel with P = exp2(c·Q Kᵀ − L) recomputed tile by tile:
 
-One kernel computes dK and dV with its key block resident, walking the query
-blocks below the diagonal; a second computes dQ with its query block resident.
-Each output tile has exactly one writer: deterministic, no atomics.
+    Δ_i = Σ_d dO_id O_id                   (a small preprocessing kernel)
+    dV = (P∘Z/(1−p))ᵀ dO    dP = (dO Vᵀ) ∘ Z/(1−p)    dS = P ∘ (dP − Δ)
+    dK = σ dSᵀ Q            dQ = σ dS K
 
-Dropout: keep = rand(seed + batch·heads index, i·T + j) ≥ p, Triton's
-counter-based Philox generator; the backward regenerates the same Z.
+Program j computes dK, dV of key block j (K, V resident, query blocks
+streamed) and then dQ of query block j (Q, dO resident, key blocks streamed):
+the first shrinks and the second grows with j, so every program does about the
+same work and one launch stays balanced along the causal diagonal. Each output
+tile has one writer: deterministic, no atomics. With BLOCK_N = 128 resident and
+BLOCK_M = 64 streamed rows, every d = 64 matmul is a wgmma with N ≥ 64 on sm_90.
 """
 
+import itertools
 import math
-import os
-from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .cases import CompileCase
+from .autotune import Config, Tuner
+from .cases import CompileCase, TensorArg
+from .dropout import keep_tile, quantize
 from .outputs import new_output
+from .runtime import device_mismatch, dot_precision, dropout_seed, on_device
+
+try:  # host-side tensor descriptors (TMA), Triton >= 3.3
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointers everywhere
+    TensorDescriptor = None
 
 HEAD_DIMS = (32, 64, 128)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _LOG2_E = 1.4426950408889634
-# Dropout offsets i·T + j are 32-bit: T·T must stay below 2**31.
-MAX_DROPOUT_T = 46340
+# Where the forward loads its tiles through TMA descriptors: "auto" (sm_90 and newer,
+# half precision, aligned), "always" (also under the interpreter: tests) or "never".
+TMA_POLICY = "auto"
 
 
 # ---------------------------------------------------------------- tile helpers
 
 @triton.jit
-def _head(PTR, bh, H, stride_b, stride_h):
-    """Pointer to the (batch, head) slice number bh = batch · H + head of a (B, H, T, d) tensor."""
-    return PTR + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+def _head(PTR, b, h, stride_b, stride_h):
+    """Pointer to the (b, h) slice of a (B, H, T, d) tensor."""
+    return PTR + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
 
 
 @triton.jit
@@ -67,271 +84,289 @@ def _store_rows(head, rows, stride_t, T, value, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(X, b, h, start, stride_b, stride_h, stride_t, T, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """Rows start .. start + ROWS of head (b, h): a TMA copy of a descriptor's box, or masked loads."""
+    if USE_TMA:  # rows past the tensor's end arrive as zeros
+        return X.load([b, h, start, 0]).reshape(ROWS, HEAD_DIM)
+    else:
+        return _load_rows(_head(X, b, h, stride_b, stride_h), start + tl.arange(0, ROWS), stride_t, T, HEAD_DIM)
+
+
+@triton.jit
 def _load_row_stat(STAT, bh, rows, T, other):
     """Per-row float32 statistic (L or Δ) of one (batch, head); rows ≥ T read as ``other``."""
     return tl.load(STAT + bh.to(tl.int64) * T + rows, mask=rows < T, other=other)
 
 
-@triton.jit
-def _keep(seed, bh, rows, cols, T, dropout_p):
-    """Dropout keep-mask Z for score rows × cols of one (batch, head): a pure function of its inputs."""
-    return tl.rand(seed + bh, rows[:, None] * T + cols[None, :]) >= dropout_p
-
-
 # ---------------------------------------------------------------- forward
 
 @triton.jit
+def _fwd_step(acc, m_i, l_i, q, k, v, rows, cols, kv_offset, qk_scale, seed, bh, start_n, band, drop_threshold,
+              keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax: scores, running max and sum, accumulated P V."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)          # raw scores Q Kᵀ
+    # A run-time branch, not a second copy of the loop: the code of a step (dropout's
+    # Philox above all) exists once in the binary.
+    if start_n >= band:  # query i (position i + kv_offset) sees keys j ≤ i + kv_offset
+        s = tl.where(rows[:, None] + kv_offset >= cols[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.math.exp2(s * qk_scale - (m_new * qk_scale)[:, None])      # one FFMA per score
+    alpha = tl.math.exp2((m_i - m_new) * qk_scale)
+    l_i = l_i * alpha + tl.sum(p, axis=1)  # the softmax sum uses the undropped weights
+    if HAS_DROPOUT:  # drop here, scale the kept weights by 1/(1 − p) once at the end
+        p = tl.where(keep_tile(seed, bh, rows, start_n, drop_threshold, BLOCK_M, BLOCK_N), p, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["T", "S", "kv_offset", "drop_threshold"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, SEED,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    H, T, qk_scale, dropout_p, seed,
+    H, T, S, kv_offset, qk_scale, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    # Longest rows first: the last query block (most keys) has program_id(1) == 0.
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
-    k_head = _head(K, bh, H, stride_kb, stride_kh)
-    v_head = _head(V, bh, H, stride_vb, stride_vh)
-    q = _load_rows(_head(Q, bh, H, stride_qb, stride_qh), rows, stride_qt, T, HEAD_DIM)
+    q = _load_tile(Q, b, h, start_m, stride_qb, stride_qh, stride_qt, T, BLOCK_M, HEAD_DIM, USE_TMA)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    keep_scale = 1.0 / (1.0 - dropout_p)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
 
-    # Phase 0: key blocks entirely left of this query block -- no mask needed.
-    # Phase 1: key blocks on the diagonal -- causal mask (which also hides keys ≥ T).
-    for phase in tl.static_range(2):
-        lo = 0 if phase == 0 else start_m
-        hi = start_m if phase == 0 else tl.minimum(start_m + BLOCK_M, T)
-        for start_n in range(lo, hi, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_head, cols, stride_kt, T, HEAD_DIM)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            if phase == 1:
-                s = tl.where(rows[:, None] >= cols[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)  # the softmax sum uses the undropped weights
-            if HAS_DROPOUT:
-                p = tl.where(_keep(seed, bh, rows, cols, T, dropout_p), p * keep_scale, 0.0)
-            v = _load_rows(v_head, cols, stride_vt, T, HEAD_DIM)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+    # Key blocks [0, band) are visible to every row of this block; the band up to the last
+    # row's position is masked (it also hides keys ≥ S from the rows ≥ T, which are not stored).
+    first_position = start_m + kv_offset
+    band = ((first_position + 1) // BLOCK_N) * BLOCK_N
+    end = tl.minimum(first_position + BLOCK_M, S)
+    for start_n in tl.range(0, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K, b, h, start_n, stride_kb, stride_kh, stride_kt, S, BLOCK_N, HEAD_DIM, USE_TMA)
+        v = _load_tile(V, b, h, start_n, stride_vb, stride_vh, stride_vt, S, BLOCK_N, HEAD_DIM, USE_TMA)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, rows, cols, kv_offset, qk_scale, seed, bh, start_n, band,
+                                  drop_threshold, keep_scale, BLOCK_M, BLOCK_N, HAS_DROPOUT, DOT_PRECISION)
 
-    _store_rows(_head(O, bh, H, stride_ob, stride_oh), rows, stride_ot, T, acc / l_i[:, None], HEAD_DIM)
-    tl.store(LSE + bh.to(tl.int64) * T + rows, m_i + tl.math.log2(l_i), mask=rows < T)
+    out = acc * ((keep_scale if HAS_DROPOUT else 1.0) / l_i)[:, None]
+    if USE_TMA:  # the descriptor clips rows ≥ T
+        O.store([b, h, start_m, 0], out.to(O.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
+    else:
+        _store_rows(_head(O, b, h, stride_ob, stride_oh), rows, stride_ot, T, out, HEAD_DIM)
+    tl.store(LSE + bh.to(tl.int64) * T + rows, m_i * qk_scale + tl.math.log2(l_i), mask=rows < T)
 
 
 # ---------------------------------------------------------------- backward
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
                            H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """Δ_i = Σ_d dO_id · O_id for one block of rows of one (batch, head)."""
     bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = _load_rows(_head(O, bh, H, stride_ob, stride_oh), rows, stride_ot, T, HEAD_DIM)
-    do = _load_rows(_head(DO, bh, H, stride_dob, stride_doh), rows, stride_dot, T, HEAD_DIM)
+    o = _load_rows(_head(O, b, h, stride_ob, stride_oh), rows, stride_ot, T, HEAD_DIM)
+    do = _load_rows(_head(DO, b, h, stride_dob, stride_doh), rows, stride_dot, T, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-    H, T, sm_scale, qk_scale, dropout_p, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-):
-    """dK, dV for BLOCK_N keys (K, V resident), over the query blocks at and below the diagonal."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    cols = start_n + tl.arange(0, BLOCK_N)
-    q_head = _head(Q, bh, H, stride_qb, stride_qh)
-    do_head = _head(DO, bh, H, stride_dob, stride_doh)
-    k = _load_rows(_head(K, bh, H, stride_kb, stride_kh), cols, stride_kt, T, HEAD_DIM)
-    v = _load_rows(_head(V, bh, H, stride_vb, stride_vh), cols, stride_vt, T, HEAD_DIM)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    keep_scale = 1.0 / (1.0 - dropout_p)
-
-    # Queries before start_n see none of these keys. Phase 0: the query blocks
-    # overlapping this key block (causal mask); phase 1: the blocks below it.
-    for phase in tl.static_range(2):
-        lo = start_n if phase == 0 else start_n + BLOCK_N
-        hi = tl.minimum(start_n + BLOCK_N, T) if phase == 0 else T
-        for start_m in range(lo, hi, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            q = _load_rows(q_head, rows, stride_qt, T, HEAD_DIM)
-            do = _load_rows(do_head, rows, stride_dot, T, HEAD_DIM)
-            # Padded query rows get L = +inf, hence P = 0: they contribute nothing.
-            lse = _load_row_stat(LSE, bh, rows, T, float("inf"))
-            delta = _load_row_stat(DELTA, bh, rows, T, 0.0)
-            p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])   # (keys, queries)
-            if phase == 0:
-                p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
-            dp_t = tl.dot(v, tl.trans(do))
-            if HAS_DROPOUT:
-                keep_t = tl.trans(_keep(seed, bh, rows, cols, T, dropout_p))
-                dv += tl.dot(tl.where(keep_t, p_t * keep_scale, 0.0).to(do.dtype), do)
-                dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
-            else:
-                dv += tl.dot(p_t.to(do.dtype), do)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q)
-
-    _store_rows(_head(DK, bh, H, stride_dkb, stride_dkh), cols, stride_dkt, T, dk * sm_scale, HEAD_DIM)
-    _store_rows(_head(DV, bh, H, stride_dvb, stride_dvh), cols, stride_dvt, T, dv, HEAD_DIM)
+def _dkdv_step(dk, dv, k, v, q, do, lse, delta, rows, cols, qk_scale, seed, bh, start_n, masked, drop_threshold,
+               keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """dK, dV of the resident key block from one streamed block of BLOCK_M queries (transposed tiles).
+    dV accumulates (P∘Z)ᵀ dO unscaled: the kernel scales it by 1/(1 − p) once at the end."""
+    p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
+    if masked:  # a run-time branch: one copy of the step in the binary
+        p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
+    # dV first, so dPᵀ is not yet live while (P∘Z)ᵀ is: fewer registers at the peak.
+    if HAS_DROPOUT:
+        keep_t = tl.trans(keep_tile(seed, bh, rows, start_n, drop_threshold, BLOCK_M, BLOCK_N))
+        dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (tl.where(keep_t, dp_t, 0.0) * keep_scale - delta[None, :])
+    else:
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+def _dq_step(dq, q, do, k, v, lse, delta, rows, cols, qk_scale, seed, bh, start_n, masked, drop_threshold,
+             keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """dQ of the resident BLOCK_M queries from one streamed block of BLOCK_N keys."""
+    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+    if masked:
+        p = tl.where(rows[:, None] >= cols[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        dp = tl.where(keep_tile(seed, bh, rows, start_n, drop_threshold, BLOCK_M, BLOCK_N), dp, 0.0) * keep_scale
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit(do_not_specialize=["T", "drop_threshold"])
+def _attn_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, SEED,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
-    H, T, sm_scale, qk_scale, dropout_p, seed,
+    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+    H, T, sm_scale, qk_scale, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """dQ for BLOCK_M queries (Q, dO resident), over the key blocks left of and on the diagonal."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    rows = start_m + tl.arange(0, BLOCK_M)
-    k_head = _head(K, bh, H, stride_kb, stride_kh)
-    v_head = _head(V, bh, H, stride_vb, stride_vh)
-    q = _load_rows(_head(Q, bh, H, stride_qb, stride_qh), rows, stride_qt, T, HEAD_DIM)
-    do = _load_rows(_head(DO, bh, H, stride_dob, stride_doh), rows, stride_dot, T, HEAD_DIM)
-    lse = _load_row_stat(LSE, bh, rows, T, float("inf"))
-    delta = _load_row_stat(DELTA, bh, rows, T, 0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    keep_scale = 1.0 / (1.0 - dropout_p)
+    """Program j: dK, dV of keys [j·BLOCK_N, +BLOCK_N), then dQ of queries [j·BLOCK_N, +BLOCK_N).
+    BLOCK_M rows are streamed in both halves (BLOCK_N % BLOCK_M == 0)."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    block_start = tl.program_id(1) * BLOCK_N
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
+    q_head = _head(Q, b, h, stride_qb, stride_qh)
+    k_head = _head(K, b, h, stride_kb, stride_kh)
+    v_head = _head(V, b, h, stride_vb, stride_vh)
+    do_head = _head(DO, b, h, stride_dob, stride_doh)
 
-    for phase in tl.static_range(2):
-        lo = 0 if phase == 0 else start_m
-        hi = start_m if phase == 0 else tl.minimum(start_m + BLOCK_M, T)
-        for start_n in range(lo, hi, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_head, cols, stride_kt, T, HEAD_DIM)
-            v = _load_rows(v_head, cols, stride_vt, T, HEAD_DIM)
-            p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-            if phase == 1:
-                p = tl.where(rows[:, None] >= cols[None, :], p, 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            if HAS_DROPOUT:
-                dp = tl.where(_keep(seed, bh, rows, cols, T, dropout_p), dp * keep_scale, 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+    # dK, dV: the queries overlapping this key block see part of it (masked), those below all of it.
+    cols = block_start + tl.arange(0, BLOCK_N)
+    k_resident = _load_rows(k_head, cols, stride_kt, T, HEAD_DIM)
+    v_resident = _load_rows(v_head, cols, stride_vt, T, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    band_end = tl.minimum(block_start + BLOCK_N, T)
+    for start_m in tl.range(block_start, T, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_head, rows, stride_qt, T, HEAD_DIM)
+        do = _load_rows(do_head, rows, stride_dot, T, HEAD_DIM)
+        # Padded query rows get L = +inf, hence P = 0: they contribute nothing.
+        lse = _load_row_stat(LSE, bh, rows, T, float("inf"))
+        delta = _load_row_stat(DELTA, bh, rows, T, 0.0)
+        dk, dv = _dkdv_step(dk, dv, k_resident, v_resident, q, do, lse, delta, rows, cols, qk_scale, seed, bh,
+                            block_start, start_m < band_end, drop_threshold, keep_scale, BLOCK_M, BLOCK_N,
+                            HAS_DROPOUT, DOT_PRECISION)
+    _store_rows(_head(DK, b, h, stride_dkb, stride_dkh), cols, stride_dkt, T, dk * sm_scale, HEAD_DIM)
+    _store_rows(_head(DV, b, h, stride_dvb, stride_dvh), cols, stride_dvt, T,
+                dv * keep_scale if HAS_DROPOUT else dv, HEAD_DIM)
 
-    _store_rows(_head(DQ, bh, H, stride_dqb, stride_dqh), rows, stride_dqt, T, dq * sm_scale, HEAD_DIM)
+    # dQ: the key blocks left of these queries unmasked, then the diagonal band masked.
+    # (Fresh names: Triton treats a name assigned in a loop and live before it as loop-carried.)
+    q_rows = block_start + tl.arange(0, BLOCK_N)
+    q_resident = _load_rows(q_head, q_rows, stride_qt, T, HEAD_DIM)
+    do_resident = _load_rows(do_head, q_rows, stride_dot, T, HEAD_DIM)
+    lse_rows = _load_row_stat(LSE, bh, q_rows, T, float("inf"))
+    delta_rows = _load_row_stat(DELTA, bh, q_rows, T, 0.0)
+    dq = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for start_n in tl.range(0, band_end, BLOCK_M):
+        keys = start_n + tl.arange(0, BLOCK_M)
+        k = _load_rows(k_head, keys, stride_kt, T, HEAD_DIM)
+        v = _load_rows(v_head, keys, stride_vt, T, HEAD_DIM)
+        dq = _dq_step(dq, q_resident, do_resident, k, v, lse_rows, delta_rows, q_rows, keys, qk_scale, seed, bh,
+                      start_n, start_n >= block_start, drop_threshold, keep_scale, BLOCK_N, BLOCK_M, HAS_DROPOUT,
+                      DOT_PRECISION)
+    _store_rows(_head(DQ, b, h, stride_dqb, stride_dqh), q_rows, stride_dqt, T, dq * sm_scale, HEAD_DIM)
 
 
 # ---------------------------------------------------------------- launch configuration
 
-@dataclass(frozen=True)
-class Config:
-    """Tile sizes and launch parameters of one attention kernel."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-    def __repr__(self):
-        return f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}"
-
-    def shared_bytes(self, head_dim, itemsize):
-        # Pipelined K and V tiles plus the resident query tile: a conservative estimate for pruning.
-        return (self.num_stages * 2 * self.block_n + self.block_m) * head_dim * itemsize
-
-
-# Config lists by (head_dim, float32 operands?). Every entry compiles without
-# register spills for sm_80 and sm_90, with and without dropout (checked by
-# python -m fastgpt.kernels.report). float32 operands (tf32 dots) need about
-# twice the registers and shared memory of fp16/bf16, so they get smaller tiles.
+# Tile configs, fastest-first by expectation (the first is the default where tuning
+# cannot run: CUDA-graph capture), by (arch family, head_dim, float32 operands?,
+# dropout?); None matches either. Every entry compiles for its architecture without
+# spills, with and without dropout, in Triton 3.6 and the installed one, and on
+# sm_90 every bf16/fp16 d = 64 matmul is a wgmma with N >= 64 (python -m
+# fastgpt.kernels.report checks all of it). Register pressure decides the lists:
+# with dropout's keep-mask live the forward drops the 128-key tile and the backward
+# its pipelining (the 128 × 64 tiles sit at 250+ registers); Ampere, without wgmma,
+# streams 32 queries in the backward. float32 operands (tf32x3: three TF32
+# products per dot) take small tiles: they are not a speed target.
 C = Config
-# Forward: BLOCK_M % BLOCK_N == 0 (the diagonal phase steps BLOCK_N across BLOCK_M).
-FWD_CONFIGS = {
-    (32, False): [C(128, 64, 8, 3), C(64, 32, 4, 3)],
-    (64, False): [C(128, 64, 8, 3), C(64, 64, 4, 3), C(128, 32, 8, 3)],
-    (128, False): [C(64, 64, 8, 3), C(64, 32, 8, 3)],
-    (32, True): [C(64, 32, 4, 3)],
-    (64, True): [C(64, 32, 4, 2)],
-    (128, True): [C(32, 16, 4, 2)],
+FWD_TABLE = {
+    ("sm90", 64, False, False): [C(128, 128, 8, 3), C(128, 64, 8, 3), C(128, 64, 8, 4), C(64, 64, 4, 3)],
+    ("sm90", 64, False, True): [C(128, 64, 8, 3), C(128, 64, 8, 4), C(64, 64, 4, 3)],
+    ("sm80", 64, False, None): [C(128, 64, 8, 3), C(128, 64, 8, 4), C(64, 64, 4, 3)],
+    ("sm90", 32, False, True): [C(64, 32, 4, 3)],
+    (None, 32, False, None): [C(128, 64, 8, 3), C(64, 32, 4, 3)],
+    (None, 128, False, None): [C(128, 64, 8, 3), C(64, 64, 4, 3)],
+    (None, 64, True, None): [C(32, 32, 4, 2)],
+    (None, 32, True, None): [C(32, 16, 4, 2)],
 }
-# dK/dV: BLOCK_N keys resident, BLOCK_M queries streamed, BLOCK_N % BLOCK_M == 0.
-DKDV_CONFIGS = {
-    (32, False): [C(32, 128, 8, 3), C(32, 64, 4, 3)],
-    (64, False): [C(16, 64, 4, 3), C(16, 32, 4, 2)],
-    (128, False): [C(32, 64, 8, 3), C(16, 32, 4, 2)],
-    (32, True): [C(16, 64, 4, 2)],
-    (64, True): [C(16, 32, 4, 2)],
-    (128, True): [C(16, 32, 4, 2)],
+# Backward: BLOCK_N resident keys (dK/dV) and queries (dQ), BLOCK_M rows streamed; BLOCK_N % BLOCK_M == 0.
+BWD_TABLE = {
+    ("sm90", 64, False, False): [C(64, 128, 8, 2), C(64, 128, 8, 3), C(64, 128, 8, 1)],
+    ("sm90", 64, False, True): [C(64, 128, 8, 1)],
+    ("sm80", 64, False, None): [C(32, 128, 8, 2), C(16, 64, 4, 2)],
+    (None, 32, False, None): [C(32, 128, 8, 2), C(32, 64, 4, 2)],
+    (None, 128, False, None): [C(32, 32, 4, 2), C(16, 32, 4, 2)],
+    (None, 64, True, None): [C(16, 32, 4, 2)],
+    (None, 32, True, None): [C(16, 64, 4, 2)],
 }
-# dQ: BLOCK_M queries resident, BLOCK_N keys streamed, BLOCK_M % BLOCK_N == 0.
-DQ_CONFIGS = {
-    (32, False): [C(128, 32, 8, 3), C(64, 64, 4, 3)],
-    (64, False): [C(128, 32, 8, 3), C(128, 64, 8, 3), C(64, 64, 4, 3), C(64, 32, 4, 3)],
-    (128, False): [C(32, 32, 4, 3), C(32, 16, 8, 2)],
-    (32, True): [C(64, 32, 4, 2), C(64, 16, 4, 2)],
-    (64, True): [C(64, 32, 8, 2), C(64, 16, 4, 2)],
-    (128, True): [C(32, 16, 8, 2), C(32, 32, 8, 2)],
-}
+TABLES = {"fwd": FWD_TABLE, "bwd": BWD_TABLE}
+ARCH_FAMILIES = {"sm80": 80, "sm90": 90}
+FP32_HEAD_DIMS = (32, 64)  # float32 at d = 128: every tf32x3 backward tile spills; use half precision
+
+
+def pinned(kind: str, head_dim: int, fp32: bool) -> Config:
+    """The one config the tests and the interpreter run (FASTGPT_ATTENTION_PINNED=1 on a GPU too): small
+    tiles, so short sequences cross several tile edges."""
+    if kind == "fwd":
+        return Config(32, 16, 4, 2) if fp32 else Config(32, 32, 4, 2)
+    return Config(16, 64, 4, 2) if fp32 and head_dim == 32 else Config(16, 32, 4, 2)
+
+
+def configs(kind: str, family: str, head_dim: int, fp32: bool, dropout: bool) -> list:
+    """The tuned list for one case (the most specific table entry)."""
+    table = TABLES[kind]
+    for key in ((family, head_dim, fp32, dropout), (family, head_dim, fp32, None),
+                (None, head_dim, fp32, dropout), (None, head_dim, fp32, None)):
+        if key in table:
+            return table[key]
+    raise KeyError(f"no {kind} configs for {family} head_dim={head_dim} fp32={fp32} dropout={dropout}")
+
+
 del C
-# The one config per kernel the tests (and the interpreter) run: small tiles,
-# so short sequences still cross several tile boundaries (the divisibility
-# rules above hold). FASTGPT_ATTENTION_PINNED=1 pins them on a GPU too.
-PINNED = {"fwd": Config(32, 16, 4, 2), "dkdv": Config(16, 32, 4, 2), "dq": Config(32, 16, 8, 2)}
-DELTA_BLOCK_M = 32  # 64 spilled on sm_80 (fp16, head_dim 64)
+DELTA_BLOCK_M = 32
+for _table in TABLES.values():
+    for _key, _configs in _table.items():
+        assert _key[0] in (None, *ARCH_FAMILIES), _key
+for _configs in list(BWD_TABLE.values()) + [[pinned("bwd", d, f)] for d in (32, 64, 128) for f in (False, True)]:
+    assert all(c.block_n % c.block_m == 0 for c in _configs)  # the backward's loops rely on it
 
-for _key in FWD_CONFIGS:  # the loop bounds in the kernels rely on these tile ratios
-    assert all(c.block_m % c.block_n == 0 for c in FWD_CONFIGS[_key] + DQ_CONFIGS[_key] + [PINNED["fwd"], PINNED["dq"]])
-    assert all(c.block_n % c.block_m == 0 for c in DKDV_CONFIGS[_key] + [PINNED["dkdv"]])
-
-
-def _pinned() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or os.environ.get("FASTGPT_ATTENTION_PINNED") == "1"
+TUNER = Tuner()
+use_config = TUNER.use_config  # use_config("fwd", Config(...)): one config for a kernel, in a with-block
 
 
-_tuned: dict = {}  # (kernel name, head_dim, T bucket, dtype, device) -> Config, chosen by timing
-_forced: dict = {}  # kernel name -> Config, set by use_config()
+def arch_family(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return "sm90"
+    return "sm80"
 
 
-@contextmanager
-def use_config(kind: str, config: Config):
-    """Run kernel ``kind`` ("fwd", "dkdv", "dq") with one given config (tests of every tuned config)."""
-    _forced[kind] = config
-    try:
-        yield
-    finally:
-        del _forced[kind]
+def _candidates(kind, head_dim, dtype, dropout, device):
+    """The tuned list for this case, without configs whose shared memory cannot fit the device."""
+    listed = configs(kind, arch_family(device), head_dim, dtype == torch.float32, dropout)
+    if device.type != "cuda":
+        return listed
+    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return [c for c in listed if c.shared_bytes(head_dim, itemsize) <= limit] or listed[-1:]
 
 
-def _choose(kind, configs, head_dim, t, dtype, device, launch):
-    """The fastest config for this (kernel, head_dim, T rounded up to a power of two, dtype).
-
-    Configs whose shared memory would not fit the device are pruned before timing.
-    """
-    if kind in _forced:
-        return _forced[kind]
-    if _pinned():
-        return PINNED[kind]
-    key = (kind, head_dim, triton.next_power_of_2(t), dtype, device)
-    if key not in _tuned:
-        limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        listed = configs[(head_dim, dtype == torch.float32)]
-        candidates = [c for c in listed if c.shared_bytes(head_dim, itemsize) <= limit] or [PINNED[kind]]
-        timings = []
-        for config in candidates:
-            try:
-                timings.append((triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20), config))
-            except Exception:  # out of resources on this device: not a candidate
-                continue
-        _tuned[key] = min(timings, key=lambda pair: pair[0])[1] if timings else PINNED[kind]
-    return _tuned[key]
+def _choose(kind, q, dropout_p, launch):
+    b, h, t, d = q.shape
+    dropout = quantize(dropout_p)[0] > 0
+    key = TUNER.key_for(kind + ("+dropout" if dropout else ""), d, q.dtype, t, b * h * triton.cdiv(t, 128), q.device)
+    return TUNER.choose(kind, key, _candidates(kind, d, q.dtype, dropout, q.device), launch,
+                        pinned(kind, d, q.dtype == torch.float32))
 
 
 def _strides(t):
@@ -348,18 +383,106 @@ def _like_bthd(t):
     return new_output((b, n, h, d), t.dtype, t.device).transpose(1, 2)
 
 
-def supports(q, k, v, dropout_p=0.0) -> "str | None":
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        return f"q/k/v shapes {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} (need equal (B, H, T, d))"
+def _problem(q, k, v) -> "str | None":
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        return f"q/k/v shapes {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} (need (B, H, T, d) and (B, H, S, d))"
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        return f"keys {tuple(k.shape)} do not match queries {tuple(q.shape)} in batch, heads or head_dim"
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (need one of float32, float16, bfloat16 for all three)"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head_dim {q.shape[-1]} (supported: {', '.join(map(str, HEAD_DIMS))})"
-    if not (q.device == k.device == v.device):
-        return "q, k, v on different devices"
-    if dropout_p > 0.0 and q.shape[2] > MAX_DROPOUT_T:
-        return f"dropout with sequence length {q.shape[2]} > {MAX_DROPOUT_T}"
+    if q.dtype == torch.float32 and q.shape[-1] not in FP32_HEAD_DIMS:
+        return (f"float32 with head_dim {q.shape[-1]} (float32 takes head_dim "
+                f"{', '.join(map(str, FP32_HEAD_DIMS))}; use float16 or bfloat16)")
+    if (problem := device_mismatch(q=q, k=k, v=v)) is not None:
+        return problem
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return "bfloat16 under the Triton interpreter, whose bf16 tl.dot is wrong (Triton issue 11584)"
     return None
+
+
+def supports(q, k, v, dropout_p=0.0) -> "str | None":
+    if (problem := _problem(q, k, v)) is not None:
+        return problem
+    if k.shape != q.shape:
+        return f"q/k/v shapes {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} (need equal (B, H, T, d))"
+    return None
+
+
+def supports_prefill(q, k, v) -> "str | None":
+    """The forward kernel over a longer key history (chunked prefill): inference only."""
+    if (problem := _problem(q, k, v)) is not None:
+        return problem
+    if q.shape[2] > k.shape[2]:
+        return f"{q.shape[2]} queries but only {k.shape[2]} keys"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "inputs that require grad (a prefill over a cache has no backward)"
+    return None
+
+
+def _uses_tma(q, k, v, o) -> bool:
+    if TensorDescriptor is None or TMA_POLICY == "never" or q.dtype == torch.float32:
+        return False
+    if TMA_POLICY == "always":
+        return True
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    # TMA needs 16-byte aligned bases and row strides (the model's layouts always are).
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+               for t in (q, k, v, o))
+
+
+def _descriptor(t, rows):
+    """A host-side TMA descriptor of a (B, H, T, d) tensor with boxes of rows × d."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
+
+
+# Each launch is described once, by a function returning (grid, positional
+# arguments, keyword arguments); the launchers below run it, and compile_cases()
+# hands the same description (on meta tensors of GPT-2's shapes) to the
+# ahead-of-time report, so the report compiles exactly the specialisation that
+# Triton's launcher builds.
+
+def _fwd_launch(q, k, v, o, lse, seed, dropout_p, config, precision=None, use_tma=None):
+    b, h, t, d = q.shape
+    s = k.shape[2]
+    if use_tma is None:
+        use_tma = _uses_tma(q, k, v, o)
+    tiles = ((_descriptor(q, config.block_m), _descriptor(k, config.block_n), _descriptor(v, config.block_n),
+              _descriptor(o, config.block_m)) if use_tma else (q, k, v, o))
+    grid = (b * h, triton.cdiv(t, config.block_m))
+    threshold, keep_scale = quantize(dropout_p)
+    args = (*tiles, lse, q if seed is None else seed, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            h, t, s, s - t, _LOG2_E / math.sqrt(d), threshold, keep_scale)
+    meta = dict(HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, HAS_DROPOUT=threshold > 0,
+                DOT_PRECISION=precision or dot_precision(q.dtype), USE_TMA=use_tma,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+    return grid, args, meta
+
+
+def _delta_launch(o, do, delta):
+    b, h, t, d = o.shape
+    grid = (triton.cdiv(t, DELTA_BLOCK_M), b * h)
+    return grid, (o, do, delta, *_strides(o), *_strides(do), h, t), dict(HEAD_DIM=d, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
+
+
+def _bwd_launch(q, k, v, do, lse, delta, dq, dk, dv, seed, dropout_p, config, precision=None):
+    b, h, t, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    threshold, keep_scale = quantize(dropout_p)
+    args = (q, k, v, do, lse, delta, dq, dk, dv, q if seed is None else seed,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *_strides(dk), *_strides(dv),
+            h, t, scale, scale * _LOG2_E, threshold, keep_scale)
+    meta = dict(HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, HAS_DROPOUT=threshold > 0,
+                DOT_PRECISION=precision or dot_precision(q.dtype), num_warps=config.num_warps,
+                num_stages=config.num_stages)
+    return (b * h, triton.cdiv(t, config.block_n)), args, meta
+
+
+def _run(kernel, launch):
+    grid, args, meta = launch
+    kernel[grid](*args, **meta)
 
 
 def _forward(q, k, v, dropout_p, seed):
@@ -369,16 +492,12 @@ def _forward(q, k, v, dropout_p, seed):
     lse = new_output((b, h, t), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
-    scale = 1.0 / math.sqrt(d)
 
     def launch(config):
-        _attn_fwd_kernel[(triton.cdiv(t, config.block_m), b * h)](
-            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            h, t, scale * _LOG2_E, dropout_p, seed,
-            HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, HAS_DROPOUT=dropout_p > 0.0,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+        _run(_attn_fwd_kernel, _fwd_launch(q, k, v, o, lse, seed, dropout_p, config))
 
-    launch(_choose("fwd", FWD_CONFIGS, d, t, q.dtype, q.device, launch))
+    with on_device(q):
+        launch(_choose("fwd", q, dropout_p, launch))
     return o, lse
 
 
@@ -389,36 +508,39 @@ def _backward(do, q, k, v, o, lse, dropout_p, seed):
     if q.numel() == 0:
         return dq, dk, dv
     delta = new_output((b, h, t), torch.float32, q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(t, DELTA_BLOCK_M), b * h)](
-        o, do, delta, *_strides(o), *_strides(do), h, t, HEAD_DIM=d, BLOCK_M=DELTA_BLOCK_M)
-    scale = 1.0 / math.sqrt(d)
-    common = (h, t, scale, scale * _LOG2_E, dropout_p, seed)
 
-    def launch_dkdv(config):
-        _attn_bwd_dkdv_kernel[(triton.cdiv(t, config.block_n), b * h)](
-            q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            *_strides(dk), *_strides(dv), *common,
-            HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, HAS_DROPOUT=dropout_p > 0.0,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+    def launch(config):
+        _run(_attn_bwd_kernel, _bwd_launch(q, k, v, do, lse, delta, dq, dk, dv, seed, dropout_p, config))
 
-    def launch_dq(config):
-        _attn_bwd_dq_kernel[(triton.cdiv(t, config.block_m), b * h)](
-            q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            *_strides(dq), *common,
-            HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, HAS_DROPOUT=dropout_p > 0.0,
-            num_warps=config.num_warps, num_stages=config.num_stages)
-
-    launch_dkdv(_choose("dkdv", DKDV_CONFIGS, d, t, q.dtype, q.device, launch_dkdv))
-    launch_dq(_choose("dq", DQ_CONFIGS, d, t, q.dtype, q.device, launch_dq))
+    with on_device(q):
+        _run(_attn_bwd_delta_kernel, _delta_launch(o, do, delta))
+        launch(_choose("bwd", q, dropout_p, launch))
     return dq, dk, dv
+
+
+def prefill_attention(q, k, v):
+    """The forward kernel for T queries over S ≥ T keys, query i at position S − T + i (no grad)."""
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    b, h, t, d = q.shape
+    o = _like_bthd(q)
+    lse = new_output((b, h, t), torch.float32, q.device)
+    if o.numel() == 0:
+        return o
+
+    def launch(config):
+        _run(_attn_fwd_kernel, _fwd_launch(q, k, v, o, lse, None, 0.0, config))
+
+    with on_device(q):
+        launch(_choose("fwd", q, 0.0, launch))
+    return o
 
 
 # ---------------------------------------------------------------- torch.library ops + autograd
 
 @torch.library.custom_op("fastgpt::causal_attention", mutates_args=())
-def causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, seed: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, dropout_p, int(seed))
+def causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                        seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, dropout_p, seed)
 
 
 @causal_attention_op.register_fake
@@ -429,9 +551,9 @@ def _(q, k, v, dropout_p, seed):
 
 @torch.library.custom_op("fastgpt::causal_attention_backward", mutates_args=())
 def causal_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 o: torch.Tensor, lse: torch.Tensor, dropout_p: float, seed: torch.Tensor
+                                 o: torch.Tensor, lse: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor]
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, o, lse, dropout_p, int(seed))
+    return _backward(do, q, k, v, o, lse, dropout_p, seed)
 
 
 @causal_attention_backward_op.register_fake
@@ -458,55 +580,92 @@ def _attention_grad(ctx, do, _dlse):
 causal_attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
+@torch.library.custom_op("fastgpt::prefill_attention", mutates_args=())
+def prefill_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return prefill_attention(q, k, v)
+
+
+@prefill_attention_op.register_fake
+def _(q, k, v):
+    b, h, t, d = q.shape
+    return q.new_empty((b, t, h, d)).transpose(1, 2)
+
+
 def causal_attention(q, k, v, dropout_p=0.0):
     """softmax(q kᵀ/sqrt(d), causal) with dropout on the weights, times v. (B, H, T, d), any strides."""
-    # Per-call seed from torch's default generator: torch.manual_seed makes dropout repeatable.
-    seed = torch.randint(0, 2**30, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
+    # A device-side seed from torch's generator: torch.manual_seed makes dropout
+    # repeatable, and a captured CUDA graph draws a new one at every replay.
+    seed = dropout_seed(q.device) if dropout_p > 0.0 else None
     return torch.ops.fastgpt.causal_attention(q, k, v, dropout_p, seed)[0]
 
 
 # ---------------------------------------------------------------- ahead-of-time compile cases
 
-_INT_ARGS = {"H", "T", "seed"}
-_FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p"}
-_FP32_POINTERS = {"LSE", "DELTA"}
-_CONSTEXPRS = {"HEAD_DIM", "BLOCK_M", "BLOCK_N", "HAS_DROPOUT"}
+def _meta_qkv(dtype, b, t, h, d):
+    """q, k, v as the model hands them over: (B, H, T, d) views of (B, T, H·d) projections."""
+    return [torch.empty(b, t, h, d, dtype=dtype, device="meta").transpose(1, 2) for _ in range(3)]
 
 
-def _signature(fn, dtype_name):
-    """Triton types of fn's arguments: tensors of dtype_name, float32 statistics, i32 sizes and strides."""
-    def arg_type(name):
-        if name in _CONSTEXPRS:
-            return "constexpr"
-        if name.startswith("stride_") or name in _INT_ARGS:
-            return "i32"
-        if name in _FLOAT_ARGS:
-            return "fp32"
-        return "*fp32" if name in _FP32_POINTERS else f"*{dtype_name}"
-    return {name: arg_type(name) for name in fn.arg_names}
+def _placeholder_descriptors(launch):
+    """The launch with its TMA descriptors' meta-tensor bases replaced by dtype-only placeholders
+    (a meta tensor has no address; the report needs only the dtype and the box)."""
+    grid, args, meta = launch
+    args = tuple(TensorDescriptor(TensorArg(a.base.dtype), a.shape, a.strides, a.block_shape)
+                 if TensorDescriptor is not None and isinstance(a, TensorDescriptor) else a for a in args)
+    return grid, args, meta
+
+
+def _configs_by_archs(kind, d, fp32, dropout):
+    """{config: the archs whose tuned list (or pinned tile) holds it}, in list order."""
+    found: dict = {}
+    for family, arch in ARCH_FAMILIES.items():
+        for config in configs(kind, family, d, fp32, dropout):
+            found.setdefault(config, set()).add(arch)
+    found.setdefault(pinned(kind, d, fp32), set()).update(ARCH_FAMILIES.values())
+    return found
 
 
 def compile_cases() -> list:
-    """Every config the launchers can pick (each tuned list plus the pinned one) × head_dim × dtype × dropout."""
+    """Every config the launchers can pick (each arch family's tuned list and the pinned one) × head_dim
+    × dtype × dropout (× both fp32 dot precisions, × TMA or pointers for the half-precision forward on
+    sm_90), launched on GPT-2's shapes (batch 8 × 1024 tokens, 768 wide) and on a ragged one (batch 1 ×
+    100 tokens). Tuned bf16/fp16 d = 64 tiles must be wgmma with N >= 64 on sm_90; TMA tiles must use TMA."""
     cases = []
-    kernels = (("attention_fwd", _attn_fwd_kernel, FWD_CONFIGS, "fwd"),
-               ("attention_bwd_dkdv", _attn_bwd_dkdv_kernel, DKDV_CONFIGS, "dkdv"),
-               ("attention_bwd_dq", _attn_bwd_dq_kernel, DQ_CONFIGS, "dq"))
-    for dtype_name in _DTYPES.values():
-        for d in HEAD_DIMS:
-            for name, fn, configs, kind in kernels:
-                # dict.fromkeys: the tuned list may already hold the pinned config.
-                for config in dict.fromkeys(configs[(d, dtype_name == "fp32")] + [PINNED[kind]]):
-                    for dropout in (False, True):
-                        cases.append(CompileCase(
-                            kernel=name + ("+dropout" if dropout else ""), fn=fn, signature=_signature(fn, dtype_name),
-                            constexprs={"HEAD_DIM": d, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-                                        "HAS_DROPOUT": dropout},
-                            num_warps=config.num_warps, num_stages=config.num_stages,
-                            config=f"{dtype_name} d={d} {config!r}", expects_tensor_cores=True))
-            cases.append(CompileCase(
-                kernel="attention_bwd_delta", fn=_attn_bwd_delta_kernel,
-                signature=_signature(_attn_bwd_delta_kernel, dtype_name),
-                constexprs={"HEAD_DIM": d, "BLOCK_M": DELTA_BLOCK_M}, num_warps=4,
-                config=f"{dtype_name} d={d} BLOCK_M={DELTA_BLOCK_M} warps=4"))
+    for dtype, dtype_name in _DTYPES.items():
+        fp32 = dtype == torch.float32
+        precisions = ("tf32x3", "tf32") if fp32 else (None,)
+        for d in FP32_HEAD_DIMS if fp32 else HEAD_DIMS:
+            h = 768 // d
+            for shape, (b, t) in (("gpt2 B=8 T=1024", (8, 1024)), ("ragged B=1 T=100", (1, 100))):
+                q, k, v = _meta_qkv(dtype, b, t, h, d)
+                o, do = _like_bthd(q), _like_bthd(q)
+                lse = torch.empty(b, h, t, dtype=torch.float32, device="meta")
+                seed = torch.empty(1, dtype=torch.int64, device="meta")
+                for precision, dropout_p in itertools.product(precisions, (0.0, 0.1)):
+                    drop = "+dropout" if dropout_p else ""
+                    label = f"{dtype_name}{'/' + precision if precision else ''} d={d}"
+                    run_seed = seed if dropout_p else None
+                    for kind in ("fwd", "bwd"):
+                        for config, on in _configs_by_archs(kind, d, fp32, dropout_p > 0).items():
+                            archs = None if on == set(ARCH_FAMILIES.values()) else tuple(sorted(on))
+                            tuned_n64 = 64 if (not fp32 and d == 64 and config != pinned(kind, d, fp32)) else None
+                            variants = [False] + ([True] if kind == "fwd" and not fp32 and 90 in on
+                                                  and TensorDescriptor is not None else [])
+                            for use_tma in variants:
+                                if kind == "fwd":
+                                    launch = _placeholder_descriptors(_fwd_launch(
+                                        q, k, v, o, lse, run_seed, dropout_p, config, precision, use_tma))
+                                    fn = _attn_fwd_kernel
+                                else:
+                                    launch = _bwd_launch(q, k, v, do, lse, lse, q, k, v, run_seed, dropout_p, config,
+                                                         precision)
+                                    fn = _attn_bwd_kernel
+                                cases.append(CompileCase.of_launch(
+                                    f"attention_{kind}{drop}", fn, launch, shape=shape,
+                                    config=f"{label} {config!r}{' TMA' if use_tma else ''}",
+                                    expects_tensor_cores=True, archs=(90,) if use_tma else archs,
+                                    expects_min_wgmma_n=tuned_n64, expects_tma=use_tma))
+                cases.append(CompileCase.of_launch(
+                    "attention_bwd_delta", _attn_bwd_delta_kernel, _delta_launch(o, do, lse),
+                    config=f"{dtype_name} d={d} BLOCK_M={DELTA_BLOCK_M} warps=4", shape=shape))
     return cases

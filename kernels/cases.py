@@ -4,8 +4,15 @@ Each kernel module under ``kernels/`` defines ``compile_cases() -> list[CompileC
 listing every configuration it can launch (block sizes, warps, dtypes, constexpr
 flags). ``python -m fastgpt.kernels.report`` compiles each case ahead of time for
 sm_80 and sm_90 on a machine with no GPU and reports registers, spills, shared
-memory and tensor-core use. Importing this file does not import Triton;
-``all_cases()`` does (through the kernel modules).
+memory, the instruction mix and occupancy. Importing this file does not import
+Triton; ``all_cases()`` does (through the kernel modules).
+
+A case is best described by a *launch*: the arguments the library's launcher
+passes (on meta tensors of a real model's shapes). The report then binds them
+with Triton's own launcher code, so integer arguments that are multiples of 16
+are compiled as divisible by 16, 1 as a constant, and ``do_not_specialize``
+arguments as plain integers -- exactly the variant that runs. A case may instead
+give an explicit ``signature`` (the report's own test fixtures do).
 """
 
 from __future__ import annotations
@@ -14,19 +21,57 @@ import importlib
 from dataclasses import dataclass, field
 
 # Kernel modules (under fastgpt.kernels) that define compile_cases().
-KERNEL_MODULES: tuple[str, ...] = ("layer_norm", "gelu", "attention", "decode_attention")
+KERNEL_MODULES: tuple[str, ...] = ("column_sum", "layer_norm", "gelu", "attention", "decode_attention", "cross_entropy")
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+@dataclass(frozen=True)
+class TensorArg:
+    """A tensor argument of a launch, as Triton's launcher sees it: a dtype and a 16-byte-aligned address."""
+
+    dtype: object  # torch.dtype
+
+    def data_ptr(self) -> int:
+        return 0
+
+    @property
+    def type_name(self) -> str:
+        return "*" + {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64",
+                      "int32": "i32"}[str(self.dtype).removeprefix("torch.")]
 
 
 @dataclass(frozen=True)
 class CompileCase:
     kernel: str                       # display name, e.g. "layer_norm_fwd"
     fn: object                        # the @triton.jit function
-    signature: dict                   # every argument name -> Triton type: "*fp32", "*bf16", "i32", "fp32", "constexpr"
+    signature: dict | None = None     # explicit types, arg -> "*fp32"/"i32"/"fp32"/"constexpr" (or None: from args)
     constexprs: dict = field(default_factory=dict)  # constexpr argument name -> value
     num_warps: int = 4
     num_stages: int = 3
     config: str = ""                  # human-readable label, e.g. "BLOCK_N=1024 bf16"
     expects_tensor_cores: bool = False  # True for kernels built on tl.dot
+    args: tuple | None = None         # a launch's positional arguments (TensorArg for tensors)
+    shape: str = ""                   # which model shape the launch's arguments come from
+    archs: tuple | None = None        # the compute capabilities that launch it (None: all); TMA needs 90
+    expects_min_wgmma_n: int | None = None  # on sm_90, fail unless every HGMMA has N >= this
+    expects_tma: bool = False               # on sm_90, fail unless tiles move through TMA
+
+    @classmethod
+    def of_launch(cls, kernel: str, fn, launch, **fields) -> "CompileCase":
+        """A case from a launcher's (grid, positional arguments, keyword arguments)."""
+        _, args, meta = launch
+        args = tuple(TensorArg(a.dtype) if hasattr(a, "data_ptr") else a for a in args)
+        constexprs = {k: v for k, v in meta.items() if k not in _LAUNCH_OPTIONS}
+        return cls(kernel=kernel, fn=fn, constexprs=constexprs, args=args,
+                   num_warps=meta.get("num_warps", 4), num_stages=meta.get("num_stages", 3), **fields)
+
+    @property
+    def pointer_types(self) -> dict:
+        """Pointer argument name -> Triton type ("*bf16", ...)."""
+        if self.args is not None:
+            return {name: a.type_name for name, a in zip(self.fn.arg_names, self.args) if isinstance(a, TensorArg)}
+        return {name: t for name, t in self.signature.items() if str(t).startswith("*")}
 
 
 def all_cases() -> list[CompileCase]:

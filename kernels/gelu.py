@@ -9,8 +9,12 @@ exp and no cancellation near zero:
     dy/dz = s + z · s · (1 − s) · 2 · sqrt(2/π) · (1 + 3 · 0.044715 · z²)
 
 The bias form serves the first FeedForward Linear, which then runs without its
-bias: the bias add and the activation cost one pass over memory instead of two.
-The bias gradient is the column sum of dz, reduced by torch (deterministic).
+bias. Forward: the bias add and the activation in one pass (as eager's addmm
+epilogue and GELU: no bytes saved there). Backward: the bias gradient
+db = Σ_rows dz is summed by the same kernel that writes dz, into a float32
+partial row per program (kernels/column_sum.py adds those up, in a fixed order),
+so dz is read from memory zero times instead of once: 3 passes over the
+activation (read dy and z, write dz) instead of eager's 4.
 """
 
 from typing import Optional
@@ -19,12 +23,25 @@ import torch
 import triton
 import triton.language as tl
 
+from . import column_sum
 from .cases import CompileCase
 from .outputs import new_output
+from .runtime import device_mismatch, on_device
 
 BLOCK = 1024
 NUM_WARPS = 4
+BIAS_ROWS = 32  # rows per program of the bias backward (its partial sums: one row per program)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@triton.jit
+def _gelu(z):
+    """GELU(z) and its derivative, in float32."""
+    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+    # exp(−2u) clamped below overflow: sigmoid is then ~1e-35, as good as 0.
+    s = 1.0 / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))
+    du_dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+    return z * s, s + z * s * (1.0 - s) * 2.0 * du_dz
 
 
 @triton.jit
@@ -34,35 +51,52 @@ def _gelu_fwd_kernel(X, BIAS, Y, n_elements, N, HAS_BIAS: tl.constexpr, BLOCK: t
     z = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         z += tl.load(BIAS + offsets % N, mask=mask, other=0.0).to(tl.float32)
-    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    # exp(−2u) clamped below overflow: sigmoid is then ~1e-35, as good as 0.
-    s = 1.0 / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))
-    tl.store(Y + offsets, (z * s).to(Y.dtype.element_ty), mask=mask)
+    y, _ = _gelu(z)
+    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gelu_bwd_kernel(DY, X, BIAS, DX, n_elements, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _gelu_bwd_kernel(DY, X, DX, n_elements, BLOCK: tl.constexpr):
+    """dz = dy · GELU'(x), element-wise over the flat tensor (no bias)."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_elements
     z = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        z += tl.load(BIAS + offsets % N, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
-    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    s = 1.0 / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))
-    du_dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-    dz = dy * (s + z * s * (1.0 - s) * 2.0 * du_dz)
-    tl.store(DX + offsets, dz.to(DX.dtype.element_ty), mask=mask)
+    _, slope = _gelu(z)
+    tl.store(DX + offsets, (dy * slope).to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _bias_gelu_bwd_kernel(DY, X, BIAS, DX, DBIAS_PARTIAL, M, N, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """dz = dy · GELU'(x + bias) for ROWS rows × BLOCK columns, and those rows' Σ dz per column."""
+    row_start = tl.program_id(0) * ROWS
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_row = cols < N
+    bias = tl.load(BIAS + cols, mask=in_row, other=0.0).to(tl.float32)
+    column_total = tl.zeros([BLOCK], dtype=tl.float32)
+    for row in tl.range(row_start, tl.minimum(row_start + ROWS, M), num_stages=2):
+        offsets = row * N + cols  # 32-bit: supports() refuses a bias form of 2**31 elements or more
+        z = tl.load(X + offsets, mask=in_row, other=0.0).to(tl.float32) + bias
+        dy = tl.load(DY + offsets, mask=in_row, other=0.0).to(tl.float32)
+        _, slope = _gelu(z)
+        dz = (dy * slope).to(DX.dtype.element_ty)
+        tl.store(DX + offsets, dz, mask=in_row)
+        column_total += dz.to(tl.float32)  # the rounded dz, as a sum of the stored gradient would see it
+    tl.store(DBIAS_PARTIAL + tl.program_id(0) * N + cols, column_total, mask=in_row)
 
 
 def supports(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "str | None":
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} (supported: float32, float16, bfloat16)"
     if bias is not None:
-        if bias.dtype != x.dtype or bias.device != x.device:
-            return f"bias dtype/device {bias.dtype}/{bias.device} differs from the input's {x.dtype}/{x.device}"
+        if (problem := device_mismatch(input=x, bias=bias)) is not None:
+            return problem
+        if bias.dtype != x.dtype:
+            return f"bias dtype {bias.dtype} differs from the input's {x.dtype}"
         if bias.dim() != 1 or bias.shape[0] != x.shape[-1]:
             return f"bias shape {tuple(bias.shape)} does not match last dim {x.shape[-1]}"
+        if x.numel() >= 2**31:
+            return "a bias form of 2**31 elements or more (its backward uses 32-bit offsets)"
     return None
 
 
@@ -75,19 +109,49 @@ def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor) -> "torch.dtype | Non
 
 def supports_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> "str | None":
     autocast_dtype = _autocast_dtype(x, weight)
-    if autocast_dtype is None and not x.dtype == weight.dtype == bias.dtype:
-        return f"dtypes {x.dtype}/{weight.dtype}/{bias.dtype} of input/weight/bias differ"
+    bias_dtype = x.dtype if bias is None else bias.dtype
+    if autocast_dtype is None and not x.dtype == weight.dtype == bias_dtype:
+        return f"dtypes {x.dtype}/{weight.dtype}/{bias_dtype} of input/weight/bias differ"
     if x.dim() == 0:
         return "a 0-dimensional input (need (..., in_features))"
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         return f"weight shape {tuple(weight.shape)} does not fit input width {x.shape[-1]}"
-    if weight.device != x.device:
-        return f"weight is on {weight.device}, input on {x.device}"
+    if (problem := device_mismatch(input=x, weight=weight, bias=bias)) is not None:
+        return problem
     # The kernel sees the matmul's output (last dim weight.shape[0]) and, under
     # autocast, the bias cast to its dtype by the launcher, as F.linear casts it.
     matmul_out = x.new_empty((0, weight.shape[0]), dtype=autocast_dtype or x.dtype)
-    return supports(matmul_out, bias if autocast_dtype is None or bias.dtype not in _DTYPES
+    return supports(matmul_out, bias if autocast_dtype is None or bias is None or bias.dtype not in _DTYPES
                     else bias.new_empty(bias.shape, dtype=autocast_dtype))
+
+
+# ---------------------------------------------------------------- launches
+#
+# Each launch is described once, as (grid, positional arguments, keyword arguments):
+# the launchers run it, and compile_cases() gives the same description, on meta
+# tensors of real shapes, to the ahead-of-time report.
+
+def _fwd_launch(x, bias, y):
+    n_elements = x.numel()
+    args = (x, x if bias is None else bias, y, n_elements, x.shape[-1] if x.dim() else 1)
+    return (triton.cdiv(n_elements, BLOCK),), args, dict(HAS_BIAS=bias is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def _bwd_launch(dy, x, dx):
+    n_elements = x.numel()
+    return (triton.cdiv(n_elements, BLOCK),), (dy, x, dx, n_elements), dict(BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def _bias_bwd_launch(dy, x, bias, dx, partial):
+    n = x.shape[-1]
+    m = x.numel() // n
+    grid = (triton.cdiv(m, BIAS_ROWS), triton.cdiv(n, BLOCK))
+    return grid, (dy, x, bias, dx, partial, m, n), dict(ROWS=BIAS_ROWS, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def _run(kernel, launch):
+    grid, args, meta = launch
+    kernel[grid](*args, **meta)
 
 
 # ---------------------------------------------------------------- torch.library ops + autograd
@@ -96,11 +160,9 @@ def supports_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 def gelu_op(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     x = x.contiguous()
     y = new_output(x.shape, x.dtype, x.device)
-    n_elements = x.numel()
-    if n_elements:
-        _gelu_fwd_kernel[(triton.cdiv(n_elements, BLOCK),)](
-            x, bias if bias is not None else x, y, n_elements, x.shape[-1] if x.dim() else 1,
-            HAS_BIAS=bias is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    if x.numel():
+        with on_device(x):
+            _run(_gelu_fwd_kernel, _fwd_launch(x, bias, y))
     return y
 
 
@@ -110,20 +172,29 @@ def _(x, bias):
 
 
 @torch.library.custom_op("fastgpt::gelu_backward", mutates_args=())
-def gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz, dbias); dbias is empty without a bias."""
     dy, x = dy.contiguous(), x.contiguous()
     dx = new_output(x.shape, x.dtype, x.device)
-    n_elements = x.numel()
-    if n_elements:
-        _gelu_bwd_kernel[(triton.cdiv(n_elements, BLOCK),)](
-            dy, x, bias if bias is not None else x, dx, n_elements, x.shape[-1] if x.dim() else 1,
-            HAS_BIAS=bias is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return dx
+    dbias = new_output((0,) if bias is None else bias.shape, x.dtype if bias is None else bias.dtype, x.device)
+    with on_device(x):
+        if bias is None:
+            if x.numel():
+                _run(_gelu_bwd_kernel, _bwd_launch(dy, x, dx))
+            return dx, dbias
+        m = x.numel() // x.shape[-1]
+        partial = new_output((triton.cdiv(m, BIAS_ROWS), x.shape[-1]), torch.float32, x.device)
+        if m:
+            _run(_bias_gelu_bwd_kernel, _bias_bwd_launch(dy, x, bias, dx, partial))
+        column_sum.column_sum_(partial, dbias)
+    return dx, dbias
 
 
 @gelu_backward_op.register_fake
 def _(dy, x, bias):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    dbias = x.new_empty((0,)) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dbias
 
 
 def _gelu_setup(ctx, inputs, output):
@@ -133,9 +204,8 @@ def _gelu_setup(ctx, inputs, output):
 
 def _gelu_grad(ctx, dy):
     x, bias = ctx.saved_tensors
-    dz = torch.ops.fastgpt.gelu_backward(dy, x, bias)
-    dbias = dz.reshape(-1, dz.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype) if bias is not None else None
-    return dz, dbias
+    dz, dbias = torch.ops.fastgpt.gelu_backward(dy, x, bias)
+    return dz, dbias if bias is not None else None
 
 
 gelu_op.register_autograd(_gelu_grad, setup_context=_gelu_setup)
@@ -147,30 +217,33 @@ def gelu(x):
     return torch.ops.fastgpt.gelu(x, None)
 
 
-def linear_gelu(x, weight, bias):
-    """GELU(x @ weightᵀ + bias): the matmul by torch without its bias, bias + GELU in one kernel."""
+def linear_gelu(x, weight, bias=None):
+    """GELU(x @ weightᵀ + bias) (bias optional): the matmul by torch without its bias, bias + GELU in one kernel."""
     z = torch.nn.functional.linear(x, weight)
     # Under autocast z is half precision while the bias stays float32: cast it as
     # F.linear would, so the kernel sees one dtype (the compile catalogue's cases).
-    return torch.ops.fastgpt.gelu(z, bias.to(z.dtype))
+    return torch.ops.fastgpt.gelu(z, None if bias is None else bias.to(z.dtype))
 
 
 # ---------------------------------------------------------------- ahead-of-time compile cases
 
 def compile_cases() -> list:
+    """Forward and backward, with and without the fused bias, per dtype, launched on GPT-2 small's
+    MLP activations (8 × 1024 tokens × 3072) and on a ragged width (100 tokens × 100)."""
     cases = []
-    for t in _DTYPES.values():
-        for has_bias in (False, True):
-            suffix = "+bias" if has_bias else ""
-            common = {"n_elements": "i32", "N": "i32", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"}
-            constexprs = {"HAS_BIAS": has_bias, "BLOCK": BLOCK}
+    for dtype, t in _DTYPES.items():
+        for shape, (m, n) in (("gpt2 M=8192 N=3072", (8192, 3072)), ("ragged M=100 N=100", (100, 100))):
+            x = torch.empty(m, n, dtype=dtype, device="meta")
+            bias = torch.empty(n, dtype=dtype, device="meta")
+            partial = torch.empty(triton.cdiv(m, BIAS_ROWS), n, dtype=torch.float32, device="meta")
             label = f"{t} BLOCK={BLOCK} warps={NUM_WARPS}"
-            cases.append(CompileCase(
-                kernel=f"gelu_fwd{suffix}", fn=_gelu_fwd_kernel,
-                signature={"X": f"*{t}", "BIAS": f"*{t}", "Y": f"*{t}", **common},
-                constexprs=constexprs, num_warps=NUM_WARPS, config=label))
-            cases.append(CompileCase(
-                kernel=f"gelu_bwd{suffix}", fn=_gelu_bwd_kernel,
-                signature={"DY": f"*{t}", "X": f"*{t}", "BIAS": f"*{t}", "DX": f"*{t}", **common},
-                constexprs=constexprs, num_warps=NUM_WARPS, config=label))
+            for b in (None, bias):
+                cases.append(CompileCase.of_launch(f"gelu_fwd{'' if b is None else '+bias'}", _gelu_fwd_kernel,
+                                                   _fwd_launch(x, b, x), config=label, shape=shape))
+            cases.append(CompileCase.of_launch("gelu_bwd", _gelu_bwd_kernel, _bwd_launch(x, x, x),
+                                               config=label, shape=shape))
+            cases.append(CompileCase.of_launch("gelu_bwd+bias", _bias_gelu_bwd_kernel,
+                                               _bias_bwd_launch(x, x, bias, x, partial),
+                                               config=f"{t} ROWS={BIAS_ROWS} BLOCK={BLOCK} warps={NUM_WARPS}",
+                                               shape=shape))
     return cases

@@ -17,28 +17,40 @@ Backward, per row, with g = dy · w:
                                                    block of rows into its own float32 partial
                                                    row; the partials are summed afterwards.
 
-Dropout draws keep = rand(seed, row · N + col) ≥ p with Triton's counter-based
-Philox generator, so the backward pass regenerates the forward's mask instead of
-storing it.
+Dropout uses kernels/dropout.py's keep-mask (one Philox call per 16 elements, a
+pure function of seed, row and column), so the backward pass regenerates the
+forward's mask instead of storing it. The drop probability is rounded to a
+multiple of 1/256.
+
+The weight and bias are read in their own dtype and converted in the kernel,
+the branch in its own dtype too (under autocast it is half precision while the
+residual is float32), and the dW/dB partial sums are reduced by a kernel: a
+LayerNorm call launches its kernel and nothing else.
 """
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import column_sum
 from .cases import CompileCase
+from .dropout import keep_row, quantize
 from .outputs import new_output
+from .runtime import device_mismatch, dropout_seed, on_device
 
 MAX_N = 4096       # widest row one program holds in registers (8192 spilled in the backward)
 _MIN_BLOCK_N = 128  # narrower rows are padded (masked) to this width
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+BACKWARD_STAGES = 2  # row loads of the backward in flight ahead of the row being reduced
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_threshold"])
 def _layer_norm_fwd_kernel(
-    X, BRANCH, H, Y, W, B, MEAN, RSTD,          # pointers; BRANCH and H unused without HAS_BRANCH
+    X, BRANCH, H, Y, W, B, MEAN, RSTD, SEED,     # pointers; BRANCH, H, SEED unused without HAS_BRANCH / HAS_DROPOUT
     stride_x, stride_branch, stride_h, stride_y,  # row strides (columns are contiguous)
-    N, eps, dropout_p, seed,
+    N, eps, drop_threshold, keep_scale,
     HAS_BRANCH: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -48,8 +60,8 @@ def _layer_norm_fwd_kernel(
     if HAS_BRANCH:
         branch = tl.load(BRANCH + row * stride_branch + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = tl.rand(seed, (row * N + cols).to(tl.int32)) >= dropout_p
-            branch = tl.where(keep, branch / (1.0 - dropout_p), 0.0)
+            keep = keep_row(tl.load(SEED), 0, row, drop_threshold, BLOCK_N)
+            branch = tl.where(keep, branch * keep_scale, 0.0)
         h = (x + branch).to(H.dtype.element_ty)
         tl.store(H + row * stride_h + cols, h, mask=mask)
         x = h.to(tl.float32)  # normalise exactly the h that is returned
@@ -57,30 +69,34 @@ def _layer_norm_fwd_kernel(
     centred = tl.where(mask, x - mean, 0.0)
     var = tl.sum(centred * centred, axis=0) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0)
-    b = tl.load(B + cols, mask=mask, other=0.0)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     y = centred * rstd * w + b
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_program", "drop_threshold"])
 def _layer_norm_bwd_kernel(
-    DY, H, W, MEAN, RSTD, DH_IN, DX, DBRANCH, DW_PARTIAL, DB_PARTIAL,
+    DY, H, W, MEAN, RSTD, DH_IN, DX, DBRANCH, DW_PARTIAL, DB_PARTIAL, SEED,
     stride_dy, stride_h, stride_dh_in, stride_dx, stride_dbranch,
-    M, N, rows_per_program, dropout_p, seed,
-    HAS_DH_IN: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+    M, N, rows_per_program, drop_threshold, keep_scale,
+    HAS_DH_IN: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DBRANCH: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for r in range(row_start, row_end):
+    # tl.range with stages: the next rows' loads are issued (cp.async) while this
+    # row is reduced, keeping memory busy across the two reductions' barriers.
+    for r in tl.range(row_start, row_end, num_stages=NUM_STAGES):
         # 32-bit offsets are safe: supports() refuses tensors of 2**31 elements or more.
         h = tl.load(H + r * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
@@ -94,9 +110,10 @@ def _layer_norm_bwd_kernel(
         if HAS_DH_IN:
             dh += tl.load(DH_IN + r * stride_dh_in + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + r * stride_dx + cols, dh.to(DX.dtype.element_ty), mask=mask)
-        if HAS_DROPOUT:
-            keep = tl.rand(seed, r * N + cols) >= dropout_p
-            dbranch = tl.where(keep, dh / (1.0 - dropout_p), 0.0)
+        if HAS_DBRANCH:  # the branch's own gradient: dropped like the forward, in the branch's dtype
+            dbranch = dh
+            if HAS_DROPOUT:
+                dbranch = tl.where(keep_row(seed, 0, r, drop_threshold, BLOCK_N), dh * keep_scale, 0.0)
             tl.store(DBRANCH + r * stride_dbranch + cols, dbranch.to(DBRANCH.dtype.element_ty), mask=mask)
         dw_acc += dy * x_hat
         db_acc += dy
@@ -136,8 +153,8 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *rest) -
     for name, t in (("input", x), ("weight", weight), ("bias", bias)):
         if t.dtype not in _DTYPES:
             return f"{name} dtype {t.dtype} (supported: float32, float16, bfloat16)"
-        if t.device != x.device:
-            return f"{name} is on {t.device}, input on {x.device}"
+    if (problem := device_mismatch(input=x, weight=weight, bias=bias)) is not None:
+        return problem
     n = x.shape[-1]
     if not 1 <= n <= MAX_N:
         return f"hidden size {n} (supported: 1..{MAX_N})"
@@ -151,9 +168,45 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *rest) -
 def supports_dropout_add(x, branch, weight, bias, *rest) -> "str | None":
     if branch.shape != x.shape:
         return f"branch shape {tuple(branch.shape)} != residual shape {tuple(x.shape)}"
-    if branch.dtype not in _DTYPES or branch.device != x.device:
-        return f"branch dtype/device {branch.dtype}/{branch.device}"
+    if branch.dtype not in _DTYPES:
+        return f"branch dtype {branch.dtype} (supported: float32, float16, bfloat16)"
+    if (problem := device_mismatch(residual=x, branch=branch)) is not None:
+        return problem
     return supports(x, weight, bias)
+
+
+# Each launch is described once, as (grid, positional arguments, keyword
+# arguments): the launchers run it, and compile_cases() gives the same
+# description, on meta tensors of real shapes, to the ahead-of-time report.
+
+def _fwd_launch(x2, branch2, h, y, weight, bias, mean, rstd, seed, eps, dropout_p):
+    m, n = x2.shape
+    block = block_n(n)
+    threshold, keep_scale = quantize(dropout_p)
+    args = (x2, branch2, h, y, weight, bias, mean, rstd, x2 if seed is None else seed,
+            x2.stride(0), branch2.stride(0), h.stride(0), y.stride(0), n, eps, threshold, keep_scale)
+    meta = dict(HAS_BRANCH=branch2 is not x2, HAS_DROPOUT=threshold > 0, BLOCK_N=block,
+                num_warps=num_warps_for(block))
+    return (m,), args, meta
+
+
+def _bwd_launch(dy2, h2, weight, mean, rstd, dh_in2, dx, dbranch, dw_partial, db_partial, seed, dropout_p):
+    m, n = h2.shape
+    programs = dw_partial.shape[0]
+    block = block_n(n)
+    threshold, keep_scale = quantize(dropout_p)
+    args = (dy2, h2, weight, mean, rstd, dy2 if dh_in2 is None else dh_in2, dx,
+            dx if dbranch is None else dbranch, dw_partial, db_partial, h2 if seed is None else seed,
+            dy2.stride(0), h2.stride(0), (dy2 if dh_in2 is None else dh_in2).stride(0), dx.stride(0),
+            (dx if dbranch is None else dbranch).stride(0), m, n, triton.cdiv(m, programs), threshold, keep_scale)
+    meta = dict(HAS_DH_IN=dh_in2 is not None, HAS_DROPOUT=threshold > 0, HAS_DBRANCH=dbranch is not None,
+                BLOCK_N=block, NUM_STAGES=BACKWARD_STAGES, num_warps=num_warps_for(block))
+    return (programs,), args, meta
+
+
+def _run(kernel, launch):
+    grid, args, meta = launch
+    kernel[grid](*args, **meta)
 
 
 def _forward(x, branch, weight, bias, eps, dropout_p, seed):
@@ -162,46 +215,38 @@ def _forward(x, branch, weight, bias, eps, dropout_p, seed):
     m = x2.shape[0]
     y = new_output((m, n), x.dtype, x.device)
     h = new_output((m, n), x.dtype, x.device) if branch is not None else y
-    branch2 = _as_rows(branch.to(x.dtype)) if branch is not None else x2
+    branch2 = _as_rows(branch) if branch is not None else x2
     mean = new_output(m, torch.float32, x.device)
     rstd = new_output(m, torch.float32, x.device)
     if m:
-        block = block_n(n)
-        _layer_norm_fwd_kernel[(m,)](
-            x2, branch2, h, y, weight.float(), bias.float(), mean, rstd,
-            x2.stride(0), branch2.stride(0), h.stride(0), y.stride(0),
-            n, eps, dropout_p, seed,
-            HAS_BRANCH=branch is not None, HAS_DROPOUT=dropout_p > 0.0, BLOCK_N=block,
-            num_warps=num_warps_for(block),
-        )
+        with on_device(x):
+            _run(_layer_norm_fwd_kernel, _fwd_launch(x2, branch2, h, y, weight, bias, mean, rstd, seed, eps,
+                                                     dropout_p))
     return h.view(shape), y.view(shape), mean, rstd
 
 
-def _backward(dy, h, weight, mean, rstd, dh_in, dropout_p, seed):
+def _backward(dy, h, weight, mean, rstd, dh_in, dropout_p, seed, branch_dtype=None):
+    """dx, dbranch (None unless dropout or a branch dtype other than h's asks for its own), dw, db."""
     shape, n = h.shape, h.shape[-1]
     dy2, h2 = _as_rows(dy), _as_rows(h)
     m = h2.shape[0]
-    dh_in2 = _as_rows(dh_in) if dh_in is not None else dy2
+    dh_in2 = _as_rows(dh_in) if dh_in is not None else None
     dx = new_output((m, n), h.dtype, h.device)
-    dbranch = new_output((m, n) if dropout_p > 0.0 else (0, n), h.dtype, h.device)
+    own_dbranch = branch_dtype is not None and (dropout_p > 0.0 or branch_dtype != h.dtype)
+    dbranch = new_output((m, n), branch_dtype, h.device) if own_dbranch else None
     programs = _backward_programs(m, h.device)
     dw_partial = new_output((programs, n), torch.float32, h.device)
     db_partial = new_output((programs, n), torch.float32, h.device)
-    if m:
-        block = block_n(n)
-        _layer_norm_bwd_kernel[(programs,)](
-            dy2, h2, weight.float(), mean, rstd, dh_in2, dx, dbranch, dw_partial, db_partial,
-            dy2.stride(0), h2.stride(0), dh_in2.stride(0), dx.stride(0), max(dbranch.stride(0), 1),
-            m, n, triton.cdiv(m, programs), dropout_p, seed,
-            HAS_DH_IN=dh_in is not None, HAS_DROPOUT=dropout_p > 0.0, BLOCK_N=block,
-            num_warps=num_warps_for(block),
-        )
-    else:
-        dw_partial.zero_()
-        db_partial.zero_()
-    dw = dw_partial.sum(0).to(weight.dtype)
-    db = db_partial.sum(0).to(weight.dtype)
-    return dx.view(shape), dbranch.view(shape) if dropout_p > 0.0 else dbranch, dw, db
+    dw, db = new_output(n, weight.dtype, h.device), new_output(n, weight.dtype, h.device)
+    with on_device(h):
+        if m:
+            _run(_layer_norm_bwd_kernel, _bwd_launch(dy2, h2, weight, mean, rstd, dh_in2, dx, dbranch,
+                                                     dw_partial, db_partial, seed, dropout_p))
+        else:
+            dw_partial.zero_()
+            db_partial.zero_()
+        column_sum.column_sum_(dw_partial, dw, db_partial, db)
+    return dx.view(shape), None if dbranch is None else dbranch.view(shape), dw, db
 
 
 # ---------------------------------------------------------------- torch.library ops + autograd
@@ -209,7 +254,7 @@ def _backward(dy, h, weight, mean, rstd, dh_in, dropout_p, seed):
 @torch.library.custom_op("fastgpt::layer_norm", mutates_args=())
 def layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, y, mean, rstd = _forward(x, None, weight, bias, eps, 0.0, 0)
+    _, y, mean, rstd = _forward(x, None, weight, bias, eps, 0.0, None)
     return y, mean, rstd
 
 
@@ -223,7 +268,7 @@ def _(x, weight, bias, eps):
 @torch.library.custom_op("fastgpt::layer_norm_backward", mutates_args=())
 def layer_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                            rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, _, dw, db = _backward(dy, x, weight, mean, rstd, None, 0.0, 0)
+    dx, _, dw, db = _backward(dy, x, weight, mean, rstd, None, 0.0, None)
     return dx, dw, db
 
 
@@ -252,9 +297,9 @@ torch.library.register_autocast("fastgpt::layer_norm", "cuda", torch.float32)
 
 @torch.library.custom_op("fastgpt::dropout_add_layer_norm", mutates_args=())
 def dropout_add_layer_norm_op(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                              eps: float, dropout_p: float, seed: torch.Tensor
+                              eps: float, dropout_p: float, seed: Optional[torch.Tensor]
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, branch, weight, bias, eps, dropout_p, int(seed))
+    return _forward(x, branch, weight, bias, eps, dropout_p, seed)
 
 
 @dropout_add_layer_norm_op.register_fake
@@ -267,15 +312,19 @@ def _(x, branch, weight, bias, eps, dropout_p, seed):
 
 @torch.library.custom_op("fastgpt::dropout_add_layer_norm_backward", mutates_args=())
 def dropout_add_layer_norm_backward_op(dh: torch.Tensor, dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
-                                       mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: torch.Tensor
+                                       mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float,
+                                       seed: Optional[torch.Tensor], branch_dtype: torch.dtype
                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dy, h, weight, mean, rstd, dh, dropout_p, int(seed))
+    dx, dbranch, dw, db = _backward(dy, h, weight, mean, rstd, dh, dropout_p, seed, branch_dtype)
+    # An op's outputs may not alias each other: an empty placeholder stands for "same as dx".
+    return dx, h.new_empty((0, h.shape[-1])) if dbranch is None else dbranch, dw, db
 
 
 @dropout_add_layer_norm_backward_op.register_fake
-def _(dh, dy, h, weight, mean, rstd, dropout_p, seed):
+def _(dh, dy, h, weight, mean, rstd, dropout_p, seed, branch_dtype):
     dx = torch.empty_like(h, memory_format=torch.contiguous_format)
-    dbranch = torch.empty_like(dx) if dropout_p > 0.0 else h.new_empty((0, h.shape[-1]))
+    own = dropout_p > 0.0 or branch_dtype != h.dtype
+    dbranch = torch.empty_like(dx, dtype=branch_dtype) if own else h.new_empty((0, h.shape[-1]))
     return dx, dbranch, torch.empty_like(weight), torch.empty_like(weight)
 
 
@@ -290,10 +339,10 @@ def _dropout_add_setup(ctx, inputs, output):
 def _dropout_add_grad(ctx, dh, dy, _dmean, _drstd):
     h, weight, mean, rstd, seed = ctx.saved_tensors
     dx, dbranch, dw, db = torch.ops.fastgpt.dropout_add_layer_norm_backward(
-        dh, dy, h, weight, mean, rstd, ctx.dropout_p, seed)
-    if ctx.dropout_p == 0.0:
-        dbranch = dx  # without dropout the branch receives exactly the residual's gradient
-    return dx, dbranch.to(ctx.branch_dtype), dw, db, None, None, None
+        dh, dy, h, weight, mean, rstd, ctx.dropout_p, seed, ctx.branch_dtype)
+    if dbranch.numel() == 0 and dx.numel() != 0:
+        dbranch = dx  # without dropout, in h's dtype, the branch receives exactly the residual's gradient
+    return dx, dbranch, dw, db, None, None, None
 
 
 dropout_add_layer_norm_op.register_autograd(_dropout_add_grad, setup_context=_dropout_add_setup)
@@ -307,10 +356,11 @@ def layer_norm(x, weight, bias, eps):
 
 def dropout_add_layer_norm(x, branch, weight, bias, eps, dropout_p):
     """(h, LayerNorm(h)) with h = x + dropout(branch); dropout_p is applied as given."""
-    # The seed comes from torch's default generator, so torch.manual_seed makes runs repeatable.
-    seed = torch.randint(0, 2**31 - 1, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
+    # A device-side seed from torch's generator: torch.manual_seed makes runs
+    # repeatable, and a captured CUDA graph draws a new one at every replay.
+    seed = dropout_seed(x.device) if dropout_p > 0.0 else None
     # h takes x + branch's promoted dtype, as in eager PyTorch (a half-precision
-    # residual meeting a float32 branch gives float32); the kernel works in x's.
+    # residual meeting a float32 branch gives float32); the kernel reads the branch in its own.
     x = x.to(torch.promote_types(x.dtype, branch.dtype))
     h, y, _, _ = torch.ops.fastgpt.dropout_add_layer_norm(x, branch, weight, bias, eps, dropout_p, seed)
     return h, y
@@ -318,37 +368,58 @@ def dropout_add_layer_norm(x, branch, weight, bias, eps, dropout_p):
 
 # ---------------------------------------------------------------- ahead-of-time compile cases
 
+# (residual, branch, weight) dtypes launched: one dtype throughout, or a half-precision
+# branch into a float32 residual with float32 weights (autocast). The plain LayerNorm
+# also takes half-precision activations with float32 weights.
+_HALF = (torch.float16, torch.bfloat16)
+_FUSED_DTYPES = [(t, t, t) for t in _DTYPES] + [(torch.float32, t, torch.float32) for t in _HALF]
+_PLAIN_DTYPES = [(t, t) for t in _DTYPES] + [(t, torch.float32) for t in _HALF]
+# Row widths: one per block size (GPT-2 small's 768 and XL's 1600 among them), plus a ragged one.
+_WIDTHS = {"gpt2": (96, 192, 384, 768, 1600, 3072), "ragged": (100,)}
+
+
+def _meta(*shape, dtype):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
 def compile_cases() -> list:
-    """Every specialisation the launchers above can produce: dtype × row width × fusion flags."""
+    """Every specialisation the launchers produce: dtypes × row width (one per block size) × fusion flags,
+    launched on 8 × 1024 rows of the widths above (and 100 rows of the ragged one)."""
     cases = []
-    blocks = [1 << k for k in range(_MIN_BLOCK_N.bit_length() - 1, MAX_N.bit_length())]
-    for torch_dtype, t in _DTYPES.items():
-        for block in blocks:
-            for has_branch, has_dropout in ((False, False), (True, False), (True, True)):
-                fused = "+add+dropout" if has_dropout else "+add" if has_branch else ""
-                label = f"{t} BLOCK_N={block} warps={num_warps_for(block)}"
-                cases.append(CompileCase(
-                    kernel=f"layer_norm_fwd{fused}", fn=_layer_norm_fwd_kernel,
-                    signature={
-                        "X": f"*{t}", "BRANCH": f"*{t}", "H": f"*{t}", "Y": f"*{t}", "W": "*fp32", "B": "*fp32",
-                        "MEAN": "*fp32", "RSTD": "*fp32", "stride_x": "i32", "stride_branch": "i32",
-                        "stride_h": "i32", "stride_y": "i32", "N": "i32", "eps": "fp32", "dropout_p": "fp32",
-                        "seed": "i32", "HAS_BRANCH": "constexpr", "HAS_DROPOUT": "constexpr", "BLOCK_N": "constexpr",
-                    },
-                    constexprs={"HAS_BRANCH": has_branch, "HAS_DROPOUT": has_dropout, "BLOCK_N": block},
-                    num_warps=num_warps_for(block), config=label,
-                ))
-                cases.append(CompileCase(
-                    kernel=f"layer_norm_bwd{fused}", fn=_layer_norm_bwd_kernel,
-                    signature={
-                        "DY": f"*{t}", "H": f"*{t}", "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
-                        "DH_IN": f"*{t}", "DX": f"*{t}", "DBRANCH": f"*{t}", "DW_PARTIAL": "*fp32",
-                        "DB_PARTIAL": "*fp32", "stride_dy": "i32", "stride_h": "i32", "stride_dh_in": "i32",
-                        "stride_dx": "i32", "stride_dbranch": "i32", "M": "i32", "N": "i32",
-                        "rows_per_program": "i32", "dropout_p": "fp32", "seed": "i32",
-                        "HAS_DH_IN": "constexpr", "HAS_DROPOUT": "constexpr", "BLOCK_N": "constexpr",
-                    },
-                    constexprs={"HAS_DH_IN": has_branch, "HAS_DROPOUT": has_dropout, "BLOCK_N": block},
-                    num_warps=num_warps_for(block), config=label,
-                ))
+    seed = _meta(1, dtype=torch.int64)
+    for shape, widths in _WIDTHS.items():
+        for n in widths:
+            block = block_n(n)
+            m = 8 * 1024 if shape == "gpt2" else 100
+            where = f"{shape} M={m} N={n}"
+            stats = _meta(m, dtype=torch.float32)
+            partial = _meta(4 * 132, n, dtype=torch.float32)
+
+            def label(x_dtype, branch_dtype, w_dtype):
+                names = ([_DTYPES[x_dtype]] + ([f"branch {_DTYPES[branch_dtype]}"] if branch_dtype != x_dtype else [])
+                         + ([f"weights {_DTYPES[w_dtype]}"] if w_dtype != x_dtype else []))
+                return f"{' '.join(names)} BLOCK_N={block} warps={num_warps_for(block)}"
+
+            def add(fused, x_dtype, branch_dtype, w_dtype, p):
+                x, w, branch = _meta(m, n, dtype=x_dtype), _meta(n, dtype=w_dtype), _meta(m, n, dtype=branch_dtype)
+                has_branch = fused != ""
+                own_dbranch = has_branch and (p > 0 or branch_dtype != x_dtype)
+                config = label(x_dtype, branch_dtype, w_dtype)
+                cases.append(CompileCase.of_launch(
+                    f"layer_norm_fwd{fused}", _layer_norm_fwd_kernel,
+                    _fwd_launch(x, branch if has_branch else x, x, x, w, w, stats, stats, seed if p else None, 1e-5, p),
+                    config=config, shape=where))
+                cases.append(CompileCase.of_launch(
+                    f"layer_norm_bwd{fused}", _layer_norm_bwd_kernel,
+                    _bwd_launch(x, x, w, stats, stats, x if has_branch else None, x,
+                                branch if own_dbranch else None, partial, partial, seed if p else None, p),
+                    config=config, shape=where))
+
+            for x_dtype, w_dtype in _PLAIN_DTYPES:
+                if shape == "gpt2" or w_dtype == x_dtype:
+                    add("", x_dtype, x_dtype, w_dtype, 0.0)
+            for x_dtype, branch_dtype, w_dtype in _FUSED_DTYPES:
+                if shape == "gpt2" or branch_dtype == x_dtype:
+                    add("+add", x_dtype, branch_dtype, w_dtype, 0.0)
+                    add("+add+dropout", x_dtype, branch_dtype, w_dtype, 0.1)
     return cases

@@ -33,6 +33,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import platform
 import re
 import subprocess
@@ -51,6 +52,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from fastgpt.kernels.cases import CompileCase, all_cases
+from fastgpt.kernels.sass import programs_per_sm, sass_profile, smallest_wgmma_n
 
 # Largest shared memory one block may use, static + dynamic (CUDA's
 # "max shared memory per block, opt-in"): A100 163 KB, H100/H200 227 KB.
@@ -98,6 +100,8 @@ class CaseResult:
     num_warps: int
     num_stages: int
     expects_tensor_cores: bool
+    expects_min_wgmma_n: int | None = None  # sm_90 only: every HGMMA has N >= this
+    expects_tma: bool = False               # sm_90 only: tiles move through TMA (UTMALDG)
     registers: int | None = None
     spill_stores_bytes: int | None = None
     spill_loads_bytes: int | None = None
@@ -105,7 +109,12 @@ class CaseResult:
     shared_bytes: int | None = None
     tensor_cores: bool | None = None
     tensor_core_instructions: dict = field(default_factory=dict)
+    sass: dict = field(default_factory=dict)            # kernels/sass.py: total, classes, tensor_core_shapes
+    programs_per_sm: dict = field(default_factory=dict)  # occupancy: programs, limited_by, warps
     compile_seconds: float | None = None
+    triton_version: str | None = None
+    ptxas_version: str | None = None
+    shapes: list = field(default_factory=list)          # model shapes whose launches compile to this variant
     ok: bool = False
     error: str | None = None          # the compiler's message when the case did not compile
     failures: list = field(default_factory=list)  # every reason the case fails, one line each
@@ -133,6 +142,13 @@ def failure_reasons(result: CaseResult) -> list[str]:
                        f"limit of {limit} bytes per block")
     if result.expects_tensor_cores and not result.tensor_cores:
         reasons.append("expects tensor cores but emitted no tensor-core instruction")
+    if result.arch == "sm_90" and result.expects_min_wgmma_n and result.sass:
+        smallest = smallest_wgmma_n(result.sass)
+        if smallest is None or smallest < result.expects_min_wgmma_n:
+            shapes = ", ".join(result.sass.get("tensor_core_shapes", {})) or "none"
+            reasons.append(f"expects wgmma (HGMMA) with N >= {result.expects_min_wgmma_n}, emitted {shapes}")
+    if result.arch == "sm_90" and result.expects_tma and result.sass and not result.sass["classes"].get("tma"):
+        reasons.append("expects TMA loads (UTMALDG) but emitted none")
     return reasons
 
 
@@ -154,6 +170,12 @@ def _check_case(case: CompileCase) -> None:
     Triton fails with a bare KeyError deep in code generation."""
     if not isinstance(case.fn, JITFunction):
         raise TypeError(f"{case.kernel}: fn is {type(case.fn).__name__}, not a @triton.jit function")
+    if case.args is not None:
+        given = case.fn.arg_names[:len(case.args)] + [n for n in case.fn.arg_names if n in case.constexprs]
+        missing = [name for name in case.fn.arg_names if name not in given]
+        if missing:
+            raise ValueError(f"{case.kernel}: the launch gives no value for arguments {missing}")
+        return
     missing = [name for name in case.fn.arg_names if name not in case.signature]
     if missing:
         raise ValueError(f"{case.kernel}: signature lacks arguments {missing}")
@@ -164,14 +186,43 @@ def _check_case(case: CompileCase) -> None:
 
 
 def aligned_pointer_attrs(case: CompileCase) -> dict:
-    """Mark every pointer argument 16-byte aligned, as Triton's launcher does for any
-    tensor whose data_ptr() % 16 == 0 (every fresh torch allocation). Without it the
-    compile models an unaligned launch: no vector loads and no cp.async pipelining,
-    which under-reports shared memory and registers. Same format in Triton 3.6 and 3.9:
-    {(argument index,): [[attribute, value]]}."""
+    """For a case with an explicit signature: mark every pointer argument 16-byte aligned,
+    as Triton's launcher does for any tensor whose data_ptr() % 16 == 0 (every fresh torch
+    allocation). Without it the compile models an unaligned launch: no vector loads and no
+    cp.async pipelining. Same format in Triton 3.6 and 3.9: {(argument index,): [[attribute, value]]}."""
     return {(index,): [["tt.divisibility", 16]]
             for index, name in enumerate(case.fn.arg_names)
             if str(case.signature[name]).startswith("*")}
+
+
+def launched_source(case: CompileCase, arch: int):
+    """(ASTSource, options, (signature, constexprs, attrs)) of the variant Triton's launcher compiles for ``case.args``.
+
+    Runs the launcher's own binder (``create_function_from_signature``) and argument
+    packing (``JITFunction._pack_args``) for a target instead of the current device: the
+    same rules decide what is specialised (pointers aligned to 16 bytes, integers divisible
+    by 16, integers equal to 1 as constants, nothing for ``do_not_specialize``). These are
+    Triton internals, present with the same names in Triton 3.6 and 3.9; if a release
+    renames them the report fails loudly here rather than compile another variant."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(case.fn.signature, case.fn.params, backend)
+    kwargs = dict(case.constexprs, num_warps=case.num_warps, num_stages=case.num_stages)
+    bound, specialization, options = binder(*case.args, **kwargs)
+    options, signature, constexprs, attrs = case.fn._pack_args(backend, kwargs, bound, specialization, options)
+    source = ASTSource(fn=case.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return source, options.__dict__, (signature, constexprs, attrs)
+
+
+def specialisation_key(case: CompileCase) -> str:
+    """What identifies the compiled program of a case: launches with equal keys compile alike."""
+    if case.args is None:
+        return repr((case.signature, case.constexprs, case.num_warps, case.num_stages))
+    _, options, (signature, constexprs, attrs) = launched_source(case, 90)
+    return repr((case.fn.__name__, signature, sorted(constexprs.items()), sorted(attrs.items()),
+                 options["num_warps"], options["num_stages"]))
 
 
 def _run_tool(name: str, *args: str) -> str:
@@ -200,14 +251,17 @@ def measure_case(case: CompileCase, arch: int) -> dict:
     # and report a meaningless compile time.
     triton.knobs.compilation.always_compile = True
     triton.knobs.nvidia.dump_ptxas_log = True
-    source = ASTSource(fn=case.fn, signature=dict(case.signature), constexprs=dict(case.constexprs),
-                       attrs=aligned_pointer_attrs(case))
+    if case.args is not None:
+        source, options, _ = launched_source(case, arch)
+    else:
+        source = ASTSource(fn=case.fn, signature=dict(case.signature), constexprs=dict(case.constexprs),
+                           attrs=aligned_pointer_attrs(case))
+        options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
     # Triton prints the ptxas log (and, on a ptxas error, the whole PTX) to stdout.
     captured = io.StringIO()
     started = time.perf_counter()
     with contextlib.redirect_stdout(captured):
-        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     seconds = time.perf_counter() - started
 
     spill_lines = PTXAS_SPILLS_RE.findall(captured.getvalue())
@@ -220,25 +274,28 @@ def measure_case(case: CompileCase, arch: int) -> dict:
         with open(cubin_path, "wb") as cubin:
             cubin.write(kernel.asm["cubin"])
         usage = RESOURCE_USAGE_RE.search(_run_tool("cuobjdump", "-res-usage", cubin_path))
-        # ptxas emits tensor-core SASS only for mma-family PTX; skipping nvdisasm
-        # otherwise saves a third of the report's time on element-wise kernels.
-        sass = _run_tool("nvdisasm", cubin_path) if PTX_MMA_FAMILY_RE.search(ptx) else ""
+        sass = _run_tool("nvdisasm", cubin_path)
     if usage is None:
         raise RuntimeError("cuobjdump -res-usage printed no REG/STACK/SHARED line")
     registers, stack, static_shared = map(int, usage.groups())
     instructions = count_tensor_core_instructions(ptx, sass)
+    # The launcher requests metadata.shared bytes of dynamic shared memory on top of
+    # the cubin's static shared memory (e.g. alignment padding on sm_90).
+    shared = (kernel.metadata.shared or 0) + static_shared
     return {
         "registers": registers,
         # One "Function properties" block per function (the kernel and any noinline callee).
         "spill_stores_bytes": sum(int(stores) for _, stores, _ in spill_lines),
         "spill_loads_bytes": sum(int(loads) for _, _, loads in spill_lines),
         "stack_bytes": stack,
-        # The launcher requests metadata.shared bytes of dynamic shared memory on top of
-        # the cubin's static shared memory (e.g. alignment padding on sm_90).
-        "shared_bytes": (kernel.metadata.shared or 0) + static_shared,
+        "shared_bytes": shared,
         "tensor_cores": bool(instructions),
         "tensor_core_instructions": instructions,
+        "sass": sass_profile(sass),
+        "programs_per_sm": programs_per_sm(arch, registers, case.num_warps, shared),
         "compile_seconds": round(seconds, 3),
+        "triton_version": triton.__version__,
+        "ptxas_version": _ptxas_version(arch),
     }
 
 
@@ -283,43 +340,66 @@ class KernelRef:
         return kernel
 
 
-def _worker_loop(connection) -> None:
-    """A compiler worker: receive (case with a KernelRef, arch), send back
-    {"measurements": ...} or {"error": ...}; None ends it."""
+def _worker_loop(connection, triton_site) -> None:
+    """A compiler worker. Jobs: ("compile", (case with a KernelRef, arch)) -> {"measurements": ...}
+    or {"error": ...}; ("keys", [cases]) -> {"keys": [(key or None, error or None), ...]}; None ends it."""
     # Triton 3.9 warns that its FP-fusion default changes in 3.10. The report compiles
     # with whatever default the library's own launches get; the warning would only
     # repeat once per worker.
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     while (job := connection.recv()) is not None:
-        case, arch = job
+        kind, payload = job
         try:
-            case = dataclasses.replace(case, fn=case.fn.load())
-            outcome = {"measurements": measure_case(case, arch)}
+            _check_triton_site(triton_site)
+            if kind == "keys":
+                outcome = {"keys": [_key_or_error(case) for case in payload]}
+            else:
+                case, arch = payload
+                case = dataclasses.replace(case, fn=case.fn.load())
+                outcome = {"measurements": measure_case(case, arch)}
         except Exception as error:  # a compile error is a result, not a crash
             outcome = {"error": _error_text(error)}
         connection.send(outcome)
 
 
+def _key_or_error(case):
+    try:
+        return specialisation_key(dataclasses.replace(case, fn=case.fn.load())), None
+    except Exception as error:
+        return None, _error_text(error)
+
+
+def _check_triton_site(triton_site) -> None:
+    if triton_site and not os.path.abspath(triton.__file__).startswith(os.path.abspath(triton_site) + os.sep):
+        raise RuntimeError(f"asked for the Triton in {triton_site} but imported {triton.__file__}")
+
+
 @contextlib.contextmanager
-def _without_interpreter():
-    """Hide TRITON_INTERPRET while a worker process starts: the worker inherits the
-    environment and reads it when it imports Triton (and in code generation)."""
-    saved = os.environ.pop("TRITON_INTERPRET", None)
+def _worker_environment(triton_site):
+    """While a worker process starts: hide TRITON_INTERPRET (the worker inherits the
+    environment and reads it when it imports Triton, and in code generation), and put
+    ``triton_site`` (a folder holding another Triton) first on its import path. A spawned
+    process starts with its parent's sys.path, so that is where the folder goes."""
+    saved_interpret = os.environ.pop("TRITON_INTERPRET", None)
+    saved_path = list(sys.path)
+    if triton_site:
+        sys.path.insert(0, os.path.abspath(triton_site))
     try:
         yield
     finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+        sys.path[:] = saved_path
+        if saved_interpret is not None:
+            os.environ["TRITON_INTERPRET"] = saved_interpret
 
 
 class _Worker:
     """One spawned compiler process, reused for job after job (its start-up imports
     torch and Triton: about two seconds)."""
 
-    def __init__(self, context):
+    def __init__(self, context, triton_site=None):
         self.connection, child_end = context.Pipe()
-        self.process = context.Process(target=_worker_loop, args=(child_end,), daemon=True)
-        with _without_interpreter():
+        self.process = context.Process(target=_worker_loop, args=(child_end, triton_site), daemon=True)
+        with _worker_environment(triton_site):
             self.process.start()
         child_end.close()
         self.job_index: int | None = None
@@ -347,7 +427,8 @@ def default_jobs() -> int:
         return os.cpu_count() or 1
 
 
-def _run_in_workers(jobs: list[tuple[CompileCase, int]], workers: int, timeout: float) -> list[dict]:
+def _run_in_workers(jobs: list[tuple[CompileCase, int]], workers: int, timeout: float,
+                    triton_site: str | None = None) -> list[dict]:
     """Compile every (case, arch) job on up to `workers` spawned processes.
 
     Spawned, not forked: a fork would inherit the caller's Triton, interpreted or
@@ -370,20 +451,23 @@ def _run_in_workers(jobs: list[tuple[CompileCase, int]], workers: int, timeout: 
                 except Exception as error:
                     outcomes[index] = {"error": _error_text(error)}
                     continue
-                worker = idle.pop() if idle else _Worker(context)
+                worker = idle.pop() if idle else _Worker(context, triton_site)
                 try:
-                    worker.give(index, job)  # pickles the case: a constexpr value might not pickle
+                    worker.give(index, ("compile", job))  # pickles the case: a constexpr value might not pickle
                 except Exception as error:
                     outcomes[index] = {"error": f"cannot send the case to a compiler process: {_error_text(error)}"}
                     idle.append(worker)
                     continue
                 busy[worker.connection] = worker
-            for connection in multiprocessing.connection.wait(list(busy), timeout=1.0):
+            # Wake up by the earliest deadline, so a stuck compile is stopped on time.
+            first_deadline = min((w.job_started + timeout for w in busy.values()), default=time.monotonic() + 1.0)
+            wait_s = max(0.01, min(1.0, first_deadline - time.monotonic()))
+            for connection in multiprocessing.connection.wait(list(busy), timeout=wait_s):
                 worker = busy.pop(connection)
                 try:
                     outcomes[worker.job_index] = connection.recv()
                     idle.append(worker)
-                except EOFError:
+                except (EOFError, OSError):  # OSError: a reset pipe, the same death seen sooner
                     worker.process.join()
                     outcomes[worker.job_index] = {
                         "error": f"the compiler process died (exit code {worker.process.exitcode})"}
@@ -425,45 +509,140 @@ class Report:
                 "compile_errors": self.compile_error_count, "spills": self.spill_count,
                 "failures": len(self.failed), "ok": not self.failed}
 
+    @property
+    def triton_versions(self) -> list[str]:
+        return list(dict.fromkeys(r.triton_version for r in self.results if r.triton_version))
+
     def summary_line(self) -> str:
         not_compiled = f" ({self.compile_error_count} did not compile)" if self.compile_error_count else ""
-        return (f"{_plural(self.case_count, 'case')} × {_plural(len(self.archs), 'arch')} compiled{not_compiled}, "
-                f"{_plural(self.spill_count, 'spill')}, {_plural(len(self.failed), 'failure')}")
+        versions = f" with Triton {', '.join(self.triton_versions)}" if self.triton_versions else ""
+        # Cases whose launches bind to one specialisation share a row (kernels/cases.py).
+        variants = len({(r.kernel, r.config, tuple(r.shapes)) for r in self.results})
+        merged = f" ({_plural(variants, 'distinct variant')})" if 0 < variants < self.case_count else ""
+        return (f"{_plural(self.case_count, 'case')}{merged} × {_plural(len(self.archs), 'arch')} compiled"
+                f"{versions}{not_compiled}, {_plural(self.spill_count, 'spill')}, "
+                f"{_plural(len(self.failed), 'failure')}")
+
+    def dropout_cost(self) -> list[dict]:
+        """SASS instructions of each ``X+dropout`` row over its twin ``X`` (same config, arch, Triton)."""
+        twins = {(r.kernel, r.config, r.arch, r.triton_version): r for r in self.results if r.sass}
+        pairs = []
+        for (kernel, config, arch, version), with_dropout in twins.items():
+            base = kernel.replace("+dropout", "")
+            without = twins.get((base, config, arch, version)) if base != kernel else None
+            if without is not None:
+                pairs.append({"kernel": base, "config": config, "arch": arch, "triton_version": version,
+                              "without": without.sass["total"], "with": with_dropout.sass["total"],
+                              "ratio": round(with_dropout.sass["total"] / without.sass["total"], 3)})
+        return pairs
 
     def to_json(self) -> dict:
         return {
             "tool": "fastgpt.kernels.report",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "triton_version": triton.__version__,
+            "triton_versions": self.triton_versions,
             "torch_version": _installed_version("torch"),
             "python_version": platform.python_version(),
             "archs": [arch_name(arch) for arch in self.archs],
-            "ptxas_versions": {arch_name(arch): _ptxas_version(arch) for arch in self.archs},
+            "ptxas_versions": {f"{r.triton_version} {r.arch}": r.ptxas_version for r in self.results
+                               if r.triton_version},
             "shared_memory_limits": {arch_name(arch): SHARED_MEMORY_LIMITS[arch] for arch in self.archs},
             "cases": [asdict(result) for result in self.results],
+            "dropout_cost": self.dropout_cost(),
             "summary": self.summary(),
         }
 
 
+def _site_version(triton_site) -> str | None:
+    """The version of the installed Triton (site None) or of the one in a folder, without importing it."""
+    if not triton_site:
+        return triton.__version__
+    with contextlib.suppress(OSError):
+        text = open(os.path.join(triton_site, "triton", "__init__.py"), encoding="utf-8").read()
+        if found := re.search(r"""__version__\s*=\s*['"]([^'"]+)['"]""", text):
+            return found.group(1)
+    return None
+
+
+def _bind_keys(cases: list[CompileCase], triton_site, timeout: float) -> list[tuple]:
+    """(specialisation key or None, error or None) per case. Launch-described cases are bound
+    by Triton's launcher code in one worker process; a case with an explicit signature is its
+    own variant (fixtures: never merged)."""
+    outcome = [(("explicit", index), None) for index in range(len(cases))]
+    refs, pending = [], []
+    for index, case in enumerate(cases):
+        if case.args is None:
+            continue
+        try:
+            ref = dataclasses.replace(case, fn=KernelRef.of(case.fn))
+            pickle.dumps(ref)
+        except Exception as error:
+            outcome[index] = (None, _error_text(error))
+            continue
+        refs.append(ref)
+        pending.append(index)
+    if not refs:
+        return outcome
+    worker = _Worker(multiprocessing.get_context("spawn"), triton_site)
+    try:
+        worker.connection.send(("keys", refs))
+        if not worker.connection.poll(timeout):
+            raise RuntimeError(f"binding the cases timed out after {timeout:g} s")
+        reply = worker.connection.recv()
+    finally:
+        worker.stop()
+    if "error" in reply:
+        raise RuntimeError(f"cannot bind the cases with Triton{' in ' + triton_site if triton_site else ''}: "
+                           f"{reply['error']}")
+    for index, key in zip(pending, reply["keys"]):
+        outcome[index] = tuple(key)
+    return outcome
+
+
 def build_report(cases: list[CompileCase], archs=DEFAULT_ARCHS, jobs: int | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S) -> Report:
-    """Compile every case for every arch and check each result. Never raises for a
-    bad case: its failure is recorded in its row."""
+                 timeout: float = DEFAULT_TIMEOUT_S, triton_sites=(None,)) -> Report:
+    """Compile every case for every arch, with the installed Triton (site None) and with each
+    other Triton folder in ``triton_sites``, and check each result. Cases whose launches
+    bind to the same specialisation (a ragged shape that launches the GPT-2 variant, say)
+    compile once: their row lists every shape. Never raises for a bad case: its failure
+    is recorded in its row."""
     archs = list(archs)
     unknown = [arch for arch in archs if arch not in SHARED_MEMORY_LIMITS]
     if unknown:
         raise ValueError(f"no shared-memory limit known for archs {unknown}; known: {sorted(SHARED_MEMORY_LIMITS)}")
-    work = [(case, arch) for case in cases for arch in archs]
-    outcomes = _run_in_workers(work, max(1, jobs or default_jobs()), timeout) if work else []
     results = []
-    for (case, arch), outcome in zip(work, outcomes):
-        result = CaseResult(kernel=case.kernel, config=config_label(case), arch=arch_name(arch),
-                            num_warps=case.num_warps, num_stages=case.num_stages,
-                            expects_tensor_cores=case.expects_tensor_cores,
-                            error=outcome.get("error"), **outcome.get("measurements", {}))
-        result.failures = failure_reasons(result)
-        result.ok = not result.failures
-        results.append(result)
+    for site in triton_sites:
+        groups: dict = {}  # specialisation key -> indices of the cases that bind to it, in catalogue order
+        errors = {}
+        for index, (key, error) in enumerate(_bind_keys(cases, site, timeout) if cases else []):
+            if error is not None:
+                errors[index] = error
+            else:
+                groups.setdefault(key, []).append(index)
+        representatives = sorted([members[0] for members in groups.values()] + list(errors))
+        members_of = {members[0]: members for members in groups.values()}
+        def archs_of(case):
+            return [arch for arch in archs if case.archs is None or arch in case.archs]
+
+        work = [(cases[index], arch) for index in representatives if index not in errors
+                for arch in archs_of(cases[index])]
+        outcomes = iter(_run_in_workers(work, max(1, jobs or default_jobs()), timeout, site) if work else [])
+        for index in representatives:
+            case = cases[index]
+            shapes = [cases[i].shape for i in members_of.get(index, [index]) if cases[i].shape]
+            for arch in archs_of(case):
+                outcome = {"error": errors[index]} if index in errors else next(outcomes)
+                measured = outcome.get("measurements", {})
+                measured.setdefault("triton_version", _site_version(site))
+                result = CaseResult(kernel=case.kernel, config=config_label(case), arch=arch_name(arch),
+                                    num_warps=case.num_warps, num_stages=case.num_stages,
+                                    expects_tensor_cores=case.expects_tensor_cores, shapes=shapes,
+                                    expects_min_wgmma_n=case.expects_min_wgmma_n, expects_tma=case.expects_tma,
+                                    error=outcome.get("error"), **measured)
+                result.failures = failure_reasons(result)
+                result.ok = not result.failures
+                results.append(result)
     return Report(archs=archs, case_count=len(cases), results=results)
 
 
@@ -491,8 +670,9 @@ def _ptxas_version(arch: int) -> str | None:
 # Presenting the report
 # ---------------------------------------------------------------------------
 
-TABLE_COLUMNS = ("kernel", "config", "arch", "warps", "stages", "regs", "spill st/ld B", "stack B",
-                 "smem B", "tensor cores", "time s", "status")
+TABLE_COLUMNS = ("kernel", "config", "shapes", "arch", "triton", "warps", "stages", "regs", "spill st/ld B",
+                 "smem B", "progs/SM", "SASS", "tensor cores", "MUFU", "int ALU", "LDG/LDGSTS/TMA", "status")
+_NUMERIC_COLUMNS = {"warps", "stages", "regs", "spill st/ld B", "smem B", "progs/SM", "SASS", "MUFU", "int ALU"}
 
 
 def _tensor_core_cell(result: CaseResult) -> str:
@@ -500,7 +680,13 @@ def _tensor_core_cell(result: CaseResult) -> str:
         return "-"
     if not result.tensor_cores:
         return "no"
-    # Show the executed SASS instructions; the PTX forms are in the JSON.
+    shapes = result.sass.get("tensor_core_shapes") if result.sass else None
+    if shapes:  # executed SASS instructions with their M×N×K shape, dtype suffixes dropped
+        merged: dict = {}
+        for opcode, n in shapes.items():
+            short = ".".join(opcode.split(".")[:2])
+            merged[short] = merged.get(short, 0) + n
+        return " ".join(f"{name}×{n}" for name, n in merged.items())
     shown = {name: n for name, n in result.tensor_core_instructions.items() if name.isupper()}
     return " ".join(f"{name}×{n}" for name, n in (shown or result.tensor_core_instructions).items())
 
@@ -509,23 +695,44 @@ def _table_row(result: CaseResult) -> tuple[str, ...]:
     def number(value):
         return "-" if value is None else str(value)
 
+    classes = result.sass.get("classes", {}) if result.sass else {}
+
+    def count(*names):
+        return "-" if not result.sass else str(sum(classes.get(name, 0) for name in names))
+
     spills = "-" if result.spill_stores_bytes is None else f"{result.spill_stores_bytes}/{result.spill_loads_bytes}"
-    seconds = "-" if result.compile_seconds is None else f"{result.compile_seconds:.2f}"
-    return (result.kernel, result.config, result.arch, str(result.num_warps), str(result.num_stages),
-            number(result.registers), spills, number(result.stack_bytes), number(result.shared_bytes),
-            _tensor_core_cell(result), seconds, "ok" if result.ok else "FAIL")
+    loads = "-" if not result.sass else "/".join(
+        str(classes.get(name, 0)) for name in ("global_load", "cp_async", "tma"))
+    programs = result.programs_per_sm.get("programs") if result.programs_per_sm else None
+    shapes = "+".join(shape.split()[0] for shape in result.shapes) or "-"
+    return (result.kernel, result.config, shapes, result.arch, result.triton_version or "-",
+            str(result.num_warps), str(result.num_stages), number(result.registers), spills,
+            number(result.shared_bytes), number(programs), number(result.sass.get("total") if result.sass else None),
+            _tensor_core_cell(result), count("mufu"), count("int_alu"), loads, "ok" if result.ok else "FAIL")
 
 
 def format_table(report: Report) -> str:
     rows = [TABLE_COLUMNS] + [_table_row(result) for result in report.results]
     widths = [max(len(row[column]) for row in rows) for column in range(len(TABLE_COLUMNS))]
-    numeric = {"warps", "stages", "regs", "spill st/ld B", "stack B", "smem B", "time s"}
     lines = []
     for row in rows:
-        cells = [cell.rjust(width) if name in numeric else cell.ljust(width)
+        cells = [cell.rjust(width) if name in _NUMERIC_COLUMNS else cell.ljust(width)
                  for name, cell, width in zip(TABLE_COLUMNS, row, widths)]
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def format_dropout_cost(report: Report) -> str:
+    """Per kernel, arch and Triton: the largest ratio of SASS instructions with dropout to without."""
+    worst: dict = {}
+    for pair in report.dropout_cost():
+        key = (pair["kernel"], pair["arch"], pair["triton_version"])
+        if key not in worst or pair["ratio"] > worst[key]["ratio"]:
+            worst[key] = pair
+    lines = [f"dropout cost: {kernel} {arch} Triton {version}: at most {pair['ratio']:.2f}× the SASS instructions "
+             f"({pair['with']} vs {pair['without']}, {pair['config']})"
+             for (kernel, arch, version), pair in sorted(worst.items())]
     return "\n".join(lines)
 
 
@@ -563,6 +770,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=None, help="compiles at once (default: usable CPU cores)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help="seconds before one compile counts as hung (default: %(default)s)")
+    parser.add_argument("--kernel", metavar="REGEX", default=None,
+                        help="only the cases whose kernel name matches REGEX (re.search), e.g. 'attention_fwd'")
+    parser.add_argument("--config", metavar="REGEX", default=None,
+                        help="only the cases whose config label matches REGEX, e.g. 'bf16 d=64'")
+    parser.add_argument("--triton", metavar="DIR", action="append", default=[],
+                        help="also compile with the Triton installed in DIR (e.g. `pip install --target DIR "
+                             "triton==3.6.0`); repeatable. The installed Triton always runs first")
     parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
                         help="exit 1 if any case fails (default); --no-strict only reports")
     return parser
@@ -573,15 +787,28 @@ def main(argv: list[str] | None = None, cases: list[CompileCase] | None = None) 
     args = _parser().parse_args(argv)
     if cases is None:
         cases = all_cases()
+    if args.kernel:
+        cases = [case for case in cases if re.search(args.kernel, case.kernel)]
+    if args.config:
+        cases = [case for case in cases if re.search(args.config, config_label(case))]
     if not cases:
         print("no kernels in the catalogue (fastgpt.kernels.cases.KERNEL_MODULES lists none): nothing to compile")
     else:
         jobs = min(args.jobs or default_jobs(), len(cases) * len(args.arch))
         print(f"compiling {_plural(len(cases), 'case')} × {_plural(len(args.arch), 'arch')} "
               f"on {_plural(jobs, 'worker')}...", file=sys.stderr, flush=True)
-    report = build_report(cases, args.arch, jobs=args.jobs, timeout=args.timeout)
+    for site in args.triton:
+        if not os.path.isfile(os.path.join(site, "triton", "__init__.py")):
+            print(f"--triton {site}: no triton package in that folder "
+                  f"(install one with: pip install --target {site} triton==3.6.0)", file=sys.stderr)
+            return 2
+    report = build_report(cases, args.arch, jobs=args.jobs, timeout=args.timeout,
+                          triton_sites=[None, *args.triton])
     if report.results:
         print(format_table(report))
+        if cost := format_dropout_cost(report):
+            print()
+            print(cost)
     if report.failed:
         print()
         print(format_failures(report))

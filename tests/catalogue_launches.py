@@ -25,7 +25,7 @@ def _matches(case, launch) -> bool:
     bound = launch["bound"]
     return (case.num_warps == launch["num_warps"] and case.num_stages == launch["num_stages"]
             and all(bound.get(name) == value for name, value in case.constexprs.items())
-            and all(case.signature.get(name) == _POINTER_TYPES.get(value.dtype)
+            and all(case.pointer_types.get(name) == _POINTER_TYPES.get(value.dtype)
                     for name, value in bound.items() if isinstance(value, torch.Tensor)))
 
 

@@ -29,11 +29,11 @@ def tiny_cfg():
 @pytest.fixture(autouse=True)
 def _restore_dispatch_state():
     """Tests may change the backend or register fake kernels; undo it after each."""
-    saved_backend, saved_per_op = ops.get_backend(), dict(ops._op_backends)
+    saved_choice, saved_scopes = ops._global_choice, ops._scopes.get()
     saved_kernels, saved_locations = dict(ops._kernels), dict(ops._KERNEL_LOCATIONS)
     yield
-    ops.set_backend(saved_backend)
-    ops._op_backends.update(saved_per_op)
+    ops._global_choice = saved_choice
+    ops._scopes.set(saved_scopes)
     ops._kernels.clear()
     ops._kernels.update(saved_kernels)
     ops._KERNEL_LOCATIONS.clear()

@@ -5,7 +5,12 @@ MASTER_ADDR and MASTER_PORT set (test_distributed.py starts one process per rank
 For each strategy rank 0 writes what the test compares -- the loss of every step,
 the last step's gradients and the final parameters, all gathered in full -- to
 OUT_DIR/<strategy>.pt. Both strategies share one launch: starting processes costs
-more than training this model.
+more than training this model. ``python distributed_worker.py reference BACKEND
+OUT_DIR`` trains one plain process on the whole batch and writes OUT_DIR/reference.pt.
+
+The ranks train on CPU tensors over gloo, on a GPU machine too, so forced Triton
+runs under the interpreter in every process: test_distributed.py sets
+TRITON_INTERPRET=1 in their environment (not this module, which the test imports).
 """
 
 import os
@@ -15,14 +20,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-if not torch.cuda.is_available():
-    # As in conftest.py: forced Triton on CPU tensors runs under the interpreter,
-    # which Triton reads before fastgpt.kernels is imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import fastgpt  # noqa: E402
-from fastgpt import GPTModel, ops  # noqa: E402
-from seed_training import make_optimizer, random_batch, train_step  # noqa: E402
+import fastgpt
+from fastgpt import GPTModel, ops
+from seed_training import make_optimizer, random_batch, train_step
 
 # head_dim 32: a size the attention kernel takes. Small enough for the interpreter.
 CFG = {"vocab_size": 97, "context_length": 16, "emb_dim": 64, "n_heads": 2, "n_layers": 2,
@@ -65,7 +65,8 @@ def _check_fsdp2_state_dict(model, expected_keys):
     model.load_state_dict(sharded)
     full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     assert list(full_sd) == expected_keys, list(full_sd)
-    set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True))
+    # A copy: DCP adds the model's own parameter names (att.qkv.*) to the dict it loads.
+    set_model_state_dict(model, dict(full_sd), options=StateDictOptions(full_state_dict=True))
     return {name: full(t) for name, t in full_sd.items()}
 
 
@@ -110,5 +111,22 @@ def main(backend: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def reference(backend: str, out_dir: str) -> None:
+    """One process, the whole batch, no wrapper: what the ranks together must reproduce."""
+    model = new_model()
+    optimizer = make_optimizer(model, lr=LR)
+    inputs, targets = batch()
+    torch.set_num_threads(1)
+    with fastgpt.use_backend(backend):
+        losses = [train_step(model, optimizer, inputs, targets).item() for _ in range(STEPS)]
+    torch.save({"losses": losses,
+                "grads": {name: p.grad.detach().clone() for name, p in model.named_parameters()},
+                "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+                "state_dict": model.state_dict()}, os.path.join(out_dir, "reference.pt"))
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[1] == "reference":
+        reference(*sys.argv[2:4])
+    else:
+        main(*sys.argv[1:3])

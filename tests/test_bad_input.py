@@ -13,8 +13,13 @@ import contextlib
 import functools
 import io
 import itertools
+import json
+import os
+import shutil
 import signal
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
@@ -22,11 +27,12 @@ import torch
 
 import fastgpt
 from fastgpt import (
-    DummyGPTModel, GPTModel, KVCache, from_pretrained, generate, generate_stream, get_tokenizer, gpt2_config, ops,
-    save_pretrained, text_to_token_ids, token_ids_to_text, validate_config,
+    CheckpointError, DummyGPTModel, GPTModel, KVCache, from_pretrained, generate, generate_stream, get_tokenizer,
+    gpt2_config, ops, save_pretrained, text_to_token_ids, token_ids_to_text, validate_config,
 )
 from fastgpt.cli import main as cli_main
-from helpers import TINY
+from fastgpt.checkpoints.safetensors_format import SafetensorsFile
+from helpers import TINY, kernel_device
 
 V, CTX = TINY["vocab_size"], TINY["context_length"]
 EOT = 50256  # GPT-2's <|endoftext|>
@@ -40,6 +46,7 @@ class Case:
     error: Optional[type] = None  # the exception expected ...
     fragment: str = ""  # ... and a piece of its message
     check: Optional[Callable[[Any], None]] = None  # or: what the documented result satisfies
+    absent: Optional[str] = None  # a piece the error message must not hold (misleading advice)
     triton: bool = False  # every op forced to Triton
     needs_cuda: bool = False
 
@@ -111,6 +118,110 @@ def cli(*args):
     return out.getvalue(), err.getvalue()
 
 
+# ---------------------------------------------------------------- checkpoint files the rows write
+
+def scratch(name: str) -> Path:
+    return _scratch["dir"] / name
+
+
+@functools.cache
+def saved_tiny() -> Path:
+    """A tiny GPT-2 folder as fastgpt saves it (config.json + model.safetensors), to copy and damage."""
+    folder = scratch("tiny-saved")
+    model().save_pretrained(folder)
+    return folder
+
+
+def folder_with(name: str, config_text: Optional[str] = None, **changes) -> str:
+    """A copy of ``saved_tiny()`` whose config.json gets ``changes`` (or is ``config_text``)."""
+    folder = scratch(name)
+    shutil.copytree(saved_tiny(), folder, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(config_text or json.dumps({**config, **changes}))
+    return str(folder)
+
+
+def fifo(path: Path) -> Path:
+    """A named pipe at ``path``: opening it to read blocks until a writer comes, which never does."""
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def folder_with_fifo(name: str, file: str) -> str:
+    folder = folder_with(name)
+    fifo(Path(folder) / file)
+    return folder
+
+
+def file_with(name: str, content: bytes) -> str:
+    scratch(name).write_bytes(content)
+    return str(scratch(name))
+
+
+def pickled_object_file() -> str:
+    torch.save({"model": torch.nn.Linear(2, 2)}, scratch("module.pth"))  # a module, not its state dict
+    return str(scratch("module.pth"))
+
+
+def _tensor(begin, end, shape=(2,)):
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": [begin, end]}
+
+
+# Safetensors files the safetensors library refuses: (header, data bytes, what fastgpt says).
+MALFORMED_SAFETENSORS = {
+    "overlapping byte ranges": ({"a": _tensor(0, 8), "b": _tensor(4, 12)}, 12, "its bytes overlap those of tensor 'a'"),
+    "two tensors on the same bytes": ({"a": _tensor(0, 8), "b": _tensor(0, 8)}, 8, "its bytes overlap those of"),
+    "bytes between tensors": ({"a": _tensor(0, 8), "b": _tensor(12, 20)}, 20, "bytes 8..12 of the data before"),
+    "trailing bytes": ({"a": _tensor(0, 8)}, 12, "4 trailing bytes after the last tensor"),
+    "a float in a shape": ({"a": _tensor(0, 8, [2.0])}, 8, "malformed header entry"),
+    "a string in a shape": ({"a": _tensor(0, 8, ["2"])}, 8, "malformed header entry"),
+    "a bool in a shape": ({"a": _tensor(0, 4, [True])}, 4, "malformed header entry"),
+    "a negative offset": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, 8,
+                          "malformed header entry"),
+    "metadata that is a list": ({"__metadata__": ["x"], "a": _tensor(0, 8)}, 8, "__metadata__ must map strings"),
+    "metadata with a number": ({"__metadata__": {"x": 1}, "a": _tensor(0, 8)}, 8, "__metadata__ must map strings"),
+    "a header nested 100,000 deep": (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 0,
+                                     "JSON nested too deeply"),
+}
+
+
+def raw_safetensors(name: str, header, data_bytes: int) -> str:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return file_with(f"{name}.safetensors", len(text).to_bytes(8, "little") + text + bytes(data_bytes))
+
+
+def sharded_folder(name: str, shard_name: Callable[[Path], object], link_outside: bool = False) -> str:
+    """saved_tiny() as one shard plus an index whose weight_map names ``shard_name(folder)`` for every tensor."""
+    folder = scratch(name)
+    folder.mkdir(exist_ok=True)
+    shutil.copy(saved_tiny() / "config.json", folder)
+    outside = scratch("outside.safetensors")
+    shutil.copy(saved_tiny() / "model.safetensors", outside)
+    if link_outside:
+        (folder / "shard.safetensors").unlink(missing_ok=True)
+        (folder / "shard.safetensors").symlink_to(outside)
+    names = json.loads((outside.read_bytes()[8:8 + int.from_bytes(outside.read_bytes()[:8], "little")]))
+    index = {"weight_map": {n: shard_name(folder) for n in names if n != "__metadata__"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return str(folder)
+
+
+def caught_warnings(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught]
+
+
+def inf_logit_model():
+    """Every next-token logit is 0 but the last token's, which is +inf."""
+    m = eos_model(TINY)
+    with torch.no_grad():
+        m.out_head.weight[-1] = float("inf")
+    return m
+
+
 def with_nan(t: torch.Tensor, index) -> torch.Tensor:
     t = t.clone()
     t[index] = float("nan")
@@ -129,7 +240,7 @@ def nan_exactly_where(mask_fn, op):
     Triton kernel of ``op`` having produced it."""
     def check(out):
         assert ops.dispatch_counts[(op, "triton")] == 1, dict(ops.dispatch_counts)
-        expected = mask_fn(out)
+        expected = mask_fn(out).to(out.device)
         assert torch.equal(torch.isnan(out), expected), torch.isnan(out).nonzero()
     return check
 
@@ -177,11 +288,19 @@ CONFIG_ROWS = [
     ("drop_rate 1", {**TINY, "drop_rate": 1.0}, ValueError, "config['drop_rate'] must be in [0, 1)"),
     ("drop_rate string", {**TINY, "drop_rate": "0.1"}, TypeError, "config['drop_rate'] must be a float"),
     ("qkv_bias string", {**TINY, "qkv_bias": "no"}, TypeError, "config['qkv_bias'] must be True or False"),
+    # Absurd sizes are refused before anything is allocated (256 GB here, or a 20,000-block build).
+    ("context_length 10**9", {**TINY, "context_length": 10**9}, ValueError,
+     "parameters (238 GiB in float32), more than fastgpt builds"),
+    ("20,000 layers", {**TINY, "n_layers": 20_000}, ValueError,
+     "config['n_layers'] is 20000, more than fastgpt builds"),
 ]
 
-x8, w8, b8 = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), torch.ones(8), torch.zeros(8)
+# The ops' inputs live where forced Triton runs: CUDA when present, else CPU tensors under the interpreter.
+DEVICE = kernel_device()
+x8 = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+w8, b8 = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
 ids = torch.ones(1, 3, dtype=torch.long)
-qkv = torch.randn(1, 2, 5, 32, generator=torch.Generator().manual_seed(1))
+qkv = torch.randn(1, 2, 5, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
 CASES = [
     # The model: token ids, checked before any compute, for the model and its stand-in.
@@ -213,28 +332,49 @@ CASES = [
     raises("set_backend(None)", lambda: fastgpt.set_backend(None), ValueError, "unknown backend None"),
     raises("backend spec with an unknown name", lambda: ops.parse_backend_spec("auto,gelu=fast"), ValueError,
            "unknown backend 'fast'"),
+    raises("backend spec with two defaults", lambda: ops.parse_backend_spec("eager,triton"), ValueError,
+           "conflicting default backends 'eager' and 'triton'"),
+    raises("backend spec with two choices for one op", lambda: ops.parse_backend_spec("gelu=eager,gelu=triton"),
+           ValueError, "conflicting backends for gelu: 'eager' and 'triton'"),
 
     # The ops, forced to Triton: the kernels refuse clearly, or compute the documented result.
     raises("layer_norm of a list", lambda: ops.layer_norm([[1.0] * 8], w8, b8), TypeError,
            "layer_norm: expected a torch.Tensor, got list", triton=True),
-    raises("layer_norm of a 0-d tensor", lambda: ops.layer_norm(torch.tensor(1.0), w8, b8), fastgpt.BackendError,
+    raises("layer_norm of a 0-d tensor", lambda: ops.layer_norm(torch.tensor(1.0, device=DEVICE), w8, b8),
+           fastgpt.BackendError,
            "a 0-dimensional input", triton=True),
     raises("layer_norm of integers", lambda: ops.layer_norm(x8.long(), w8, b8), fastgpt.BackendError,
            "input dtype torch.int64", triton=True),
     raises("layer_norm weight on another device", lambda: ops.layer_norm(x8, w8.to("meta"), b8), fastgpt.BackendError,
-           "weight is on meta, input on cpu", triton=True),
+           f"inputs on different devices (input on {x8.device}, weight on meta", triton=True),
     returns("layer_norm of a row with NaN: that row is NaN", lambda: ops.layer_norm(with_nan(x8, (1, 3)), w8, b8),
             nan_exactly_where(lambda out: torch.arange(3)[:, None].eq(1).expand(3, 8), "layer_norm"), triton=True),
-    returns("gelu of NaN and inf", lambda: ops.gelu(torch.tensor([float("nan"), float("inf"), 1.0])),
-            lambda y: torch.testing.assert_close(y, torch.tensor([float("nan"), float("inf"), 0.8412]),
+    returns("gelu of NaN and inf", lambda: ops.gelu(torch.tensor([float("nan"), float("inf"), 1.0], device=DEVICE)),
+            lambda y: torch.testing.assert_close(y.cpu(), torch.tensor([float("nan"), float("inf"), 0.8412]),
                                                  equal_nan=True, rtol=0, atol=1e-4), triton=True),
-    returns("gelu of a 0-d tensor", lambda: ops.gelu(torch.tensor(1.0)),
-            lambda y: torch.testing.assert_close(y, torch.tensor(0.8412), rtol=0, atol=1e-4), triton=True),
-    raises("linear_gelu with a float16 weight", lambda: ops.linear_gelu(x8, torch.ones(4, 8).half(), torch.ones(4)),
+    returns("gelu of a 0-d tensor", lambda: ops.gelu(torch.tensor(1.0, device=DEVICE)),
+            lambda y: torch.testing.assert_close(y.cpu(), torch.tensor(0.8412), rtol=0, atol=1e-4), triton=True),
+    raises("linear_gelu with a float16 weight",
+           lambda: ops.linear_gelu(x8, torch.ones(4, 8, device=DEVICE).half(), torch.ones(4, device=DEVICE)),
            fastgpt.BackendError, "dtypes torch.float32/torch.float16/torch.float32 of input/weight/bias differ",
            triton=True),
-    raises("linear_gelu of a 0-d tensor", lambda: ops.linear_gelu(torch.tensor(1.0), torch.ones(4, 8), torch.ones(4)),
+    raises("linear_gelu of a 0-d tensor", lambda: ops.linear_gelu(torch.tensor(1.0, device=DEVICE),
+                                                                  torch.ones(4, 8, device=DEVICE),
+                                                                  torch.ones(4, device=DEVICE)),
            fastgpt.BackendError, "a 0-dimensional input", triton=True),
+    *(raises(f"layer_norm eps {eps!r} ({path})", functools.partial(ops.layer_norm, x8, w8, b8, eps), error,
+             f"layer_norm: eps must be {fragment}", triton=path == "triton")
+      for path in ("eager", "triton")
+      for eps, error, fragment in [(-1.0, ValueError, "a positive finite number, got -1.0"),
+                                   (0.0, ValueError, "a positive finite number, got 0.0"),
+                                   (float("nan"), ValueError, "a positive finite number, got nan"),
+                                   (float("inf"), ValueError, "a positive finite number, got inf"),
+                                   ("1e-5", TypeError, "a float, got str")]),
+    raises("dropout_add_layer_norm eps -1", lambda: ops.dropout_add_layer_norm(x8, x8, w8, b8, eps=-1.0), ValueError,
+           "dropout_add_layer_norm: eps must be a positive finite number, got -1.0"),
+    *(raises(f"linear_gelu without a bias ({path})", lambda: ops.linear_gelu(x8, torch.ones(4, 8, device=DEVICE), None),
+             TypeError,
+             "linear_gelu: bias must be a tensor", triton=path == "triton") for path in ("eager", "triton")),
     raises("residual and branch shapes differ", lambda: ops.dropout_add_layer_norm(x8, x8[:2], w8, b8),
            fastgpt.BackendError, "branch shape (2, 8) != residual shape (3, 8)", triton=True),
     *(raises(f"dropout_p {p!r}", functools.partial(op, *args, dropout_p=p), error, fragment, triton=True)
@@ -245,18 +385,18 @@ CASES = [
            (float("nan"), ValueError, "dropout_p must be in [0, 1), got nan"),
            ("0.1", TypeError, "dropout_p must be a float, got str")])),
     raises("attention on 3-D tensors", lambda: ops.causal_attention(qkv[0], qkv[0], qkv[0]), fastgpt.BackendError,
-           "need equal (B, H, T, d)", triton=True),
+           "(B, H, T, d)", triton=True),
     raises("attention in float64", lambda: ops.causal_attention(qkv.double(), qkv.double(), qkv.double()),
            fastgpt.BackendError, "dtypes torch.float64/torch.float64/torch.float64", triton=True),
     raises("attention keys on another device", lambda: ops.causal_attention(qkv, qkv.to("meta"), qkv),
-           fastgpt.BackendError, "q, k, v on different devices", triton=True),
+           fastgpt.BackendError, "inputs on different devices (q on cpu, k on meta", triton=True),
     returns("attention with a NaN query: only its row is NaN",
             lambda: ops.causal_attention(with_nan(qkv, (0, 1, 2, 5)), qkv, qkv),
             nan_exactly_where(lambda out: only_row(out, head=1, row=2), "causal_attention"), triton=True),
     returns("attention over zero tokens", lambda: ops.causal_attention(*[qkv[:, :, :0]] * 3),
             lambda out: out.shape == (1, 2, 0, 32) or pytest.fail(str(out.shape)), triton=True),
     raises("cached attention with more queries than keys",
-           lambda: ops.cached_attention(torch.randn(1, 2, 6, 32), qkv, qkv), ValueError,
+           lambda: ops.cached_attention(torch.randn(1, 2, 6, 32, device=DEVICE), qkv, qkv), ValueError,
            "cached_attention: 6 queries but only 5 keys"),
 
     # Generation and the KV cache.
@@ -278,6 +418,18 @@ CASES = [
            RuntimeError, "probability tensor contains either `inf`, `nan` or element < 0"),
     raises("a KV cache for no sequences", lambda: KVCache.for_model(model(), 0), ValueError,
            "KVCache batch_size must be a positive int, got 0"),
+    raises("a KV cache of another dtype", lambda: model()(ids, kv_cache=KVCache(2, 1, 4, 16, CTX, dtype=torch.float16)),
+           ValueError, "the KV cache holds torch.float16 on cpu but the model computes torch.float32"),
+    *(raises(f"generating from {dtype} ids", lambda dtype=dtype: generate(model(), ids.to(dtype), 2, CTX), TypeError,
+             f"got dtype {dtype}; convert it with idx.long()")
+      for dtype in (torch.int8, torch.int16, torch.uint8, torch.uint16, torch.uint32, torch.uint64)),
+    # The limit of softmax(logits / T): all probability on the largest logit.
+    returns("temperature 1e-45 takes the most likely token",
+            lambda: generate(eos_model(TINY), ids, 3, CTX, temperature=1e-45, generator=torch.Generator()),
+            lambda out: out[0, -3:].tolist() == [V - 1] * 3 or pytest.fail(str(out))),
+    returns("a +inf logit is the token sampled",
+            lambda: generate(inf_logit_model(), ids, 3, CTX, temperature=1.0, top_k=5, generator=torch.Generator()),
+            lambda out: out[0, -3:].tolist() == [V - 1] * 3 or pytest.fail(str(out))),
 
     # Tokenizer.
     raises("encoding bytes", lambda: text_to_token_ids(b"hello", get_tokenizer()), TypeError,
@@ -298,6 +450,60 @@ CASES = [
            "expected str, bytes or os.PathLike object, not int"),
     raises("save_pretrained of a dict", lambda: save_pretrained({}, _scratch["dir"] / "never"), TypeError,
            "save_pretrained takes a fastgpt GPTModel, got dict"),
+    # GPT2Config settings: computed, or refused by name -- never silently another model.
+    *(raises(f"config.json {key}={value!r}", lambda key=key, value=value: from_pretrained(
+        folder_with(f"cfg-{key}", **{key: value})), CheckpointError, fragment)
+      for key, value, fragment in [
+          ("scale_attn_by_inverse_layer_idx", True,
+           "config.json: GPT-2 config scale_attn_by_inverse_layer_idx=True is not supported by fastgpt"),
+          ("activation_function", "relu", "config.json: GPT-2 config activation_function='relu' is not supported"),
+          ("n_inner", 100, "config.json: GPT-2 config n_inner=100 is not supported"),
+          ("scale_attn_weights", False, "config.json: GPT-2 config scale_attn_weights=False is not supported"),
+          ("add_cross_attention", True, "config.json: GPT-2 config add_cross_attention=True is not supported"),
+          ("layer_norm_epsilon", -1, "config.json: GPT-2 config layer_norm_epsilon=-1 must be a positive finite"),
+          ("attn_pdrop", 0.2, "attn_pdrop=0.2 differ; fastgpt has one drop_rate for all three: pass drop_rate="),
+          ("resid_pdrop", "0.1", "config.json: GPT-2 config resid_pdrop='0.1' must be a number in [0, 1)"),
+          ("qkv_bias", "no", "config.json: qkv_bias must be true or false, got 'no'"),
+      ]),
+    # A config claiming more blocks than the file holds fails at once, before anything is built.
+    *(raises(f"config.json n_layer={n}", lambda n=n: from_pretrained(folder_with(f"layers-{n}", n_layer=n)),
+             CheckpointError, f"holds 2 transformer blocks but config.json says n_layers={n}")
+      for n in (20_000, 10**6)),
+    raises("n_layers=10**6 passed for a 2-block file",
+           lambda: from_pretrained(saved_tiny(), n_layers=10**6), CheckpointError,
+           "holds 2 transformer blocks but you passed n_layers=1000000"),
+    raises("config.json nested 100,000 deep",
+           lambda: from_pretrained(folder_with("deep-config", config_text="[" * 100_000 + "]" * 100_000)),
+           CheckpointError, "config.json: the file is JSON nested too deeply"),
+    # Files that are not regular files would block forever.
+    raises("a named pipe as the checkpoint", lambda: from_pretrained(fifo(scratch("pipe.safetensors"))),
+           CheckpointError, "pipe.safetensors: is not a regular file"),
+    *(raises(f"a named pipe as {file}", lambda file=file: from_pretrained(folder_with_fifo(f"fifo-{file}", file)),
+             CheckpointError, f"{file}: is not a regular file") for file in ("config.json", "model.safetensors")),
+    # Files that are no checkpoint, named without torch's advice to unpickle them anyway.
+    raises("a text file as the checkpoint", lambda: from_pretrained(file_with("notes.txt", b"hello world\n")),
+           CheckpointError, "notes.txt: is not a torch.save file (it starts with b'hell'"),
+    raises("a pickle of garbage", lambda: from_pretrained(file_with("junk.pth", b"\x80\x02" + bytes(range(200)))),
+           CheckpointError, "junk.pth: cannot be read as a torch.save file, truncated or damaged",
+           absent="weights_only"),
+    raises("a pickled module, not a state dict", lambda: from_pretrained(pickled_object_file()), CheckpointError,
+           "holds Python objects besides tensors (torch.nn.modules.linear.Linear); fastgpt loads weights only",
+           absent="weights_only"),
+    # Malformed safetensors: refused as the safetensors library refuses them (checked below).
+    *(raises(f"safetensors with {kind}", lambda kind=kind, header=header, size=size: SafetensorsFile(
+        raw_safetensors(kind.replace(" ", "-"), header, size)), CheckpointError, fragment)
+      for kind, (header, size, fragment) in MALFORMED_SAFETENSORS.items()),
+    raises("safetensors naming one tensor twice", lambda: SafetensorsFile(raw_safetensors(
+        "repeated", b'{"a": ' + json.dumps(_tensor(0, 8)).encode() + b', "a": ' + json.dumps(_tensor(0, 8)).encode()
+        + b"}", 8)), CheckpointError, "the safetensors header repeats the key(s) ['a']"),
+    # Shard indexes: only files inside the checkpoint folder, named by strings.
+    *(raises(f"a shard index naming {what}", lambda name=name, link=link, what=what: from_pretrained(
+        sharded_folder(f"shards-{len(what)}", name, link)), CheckpointError, "which is outside the checkpoint folder")
+      for what, name, link in [("../outside.safetensors", lambda folder: "../outside.safetensors", False),
+                               ("an absolute path", lambda folder: str(scratch("outside.safetensors")), False),
+                               ("a symlink out of the folder", lambda folder: "shard.safetensors", True)]),
+    raises("a shard index with numbers for files", lambda: from_pretrained(sharded_folder("shards-int", lambda _: 1)),
+           CheckpointError, "weight_map gives 1 for"),
 
     # The command line (in-process), for both commands.
     raises("profile --iters 0", lambda: cli("profile", "--iters", "0"), CLIError, "must be a positive integer, got 0"),
@@ -305,8 +511,24 @@ CASES = [
            "argument --seq-len: invalid _positive_int value: 'abc'"),
     raises("profile --size gpt2-huge", lambda: cli("profile", "--size", "gpt2-huge"), CLIError,
            "invalid choice: 'gpt2-huge'"),
-    raises("profile --device tpu", lambda: cli("profile", "--device", "tpu"), CLIError,
-           "device type at start of device string: tpu"),
+    *(raises(f"{command} --device {device}", lambda command=command, device=device: cli(
+        command, *(["x"] if command == "generate" else []), "--device", device), CLIError, fragment)
+      for command in ("profile", "generate")
+      for device, fragment in [("tpu", "unknown device 'tpu'; use cpu, cuda, cuda:N or mps"),
+                               ("meta", "device 'meta' holds shapes but no data")]),
+    *(raises(f"{command} --seed 2**70", lambda command=command: cli(command, *(["x"] if command == "generate" else []),
+                                                                    "--seed", str(2**70)), CLIError,
+             "argument --seed: must be an integer in [0, 2**64 - 1]") for command in ("profile", "generate")),
+    raises("profile --trace to a folder", lambda: cli("profile", "--trace", str(_scratch["dir"])), CLIError,
+           "cannot write the trace to"),
+    raises("profile --json where nothing can be written", lambda: cli("profile", "--json", "/sys/report.json"),
+           CLIError, "cannot write the JSON report to /sys/report.json: Permission denied"),
+    returns("fastgpt --version", lambda: cli("--version"),
+            lambda streams: streams == (f"fastgpt {fastgpt.__version__}\n", "") or pytest.fail(str(streams))),
+    raises("generate --n-heads without a checkpoint", lambda: cli("generate", "x", "--n-heads", "8"), CLIError,
+           "--n-heads applies to a --checkpoint state dict"),
+    raises("generate from a text file", lambda: cli("generate", "x", "--checkpoint", file_with("t.txt", b"some text")),
+           CLIError, "t.txt: is not a torch.save file"),
     raises("no command", lambda: cli(), CLIError, "the following arguments are required: COMMAND"),
     raises("generate --max-new-tokens -5", lambda: cli("generate", "x", "--max-new-tokens", "-5"), CLIError,
            "must be a positive integer, got -5"),
@@ -357,5 +579,17 @@ def test_bad_input_gets_a_clear_error_or_its_documented_result(case, request):
             with pytest.raises(case.error) as info:
                 case.call()
             assert case.fragment in str(info.value)
+            assert case.absent is None or case.absent not in str(info.value), str(info.value)
         else:
             case.check(case.call())
+
+
+@pytest.mark.parametrize("kind", MALFORMED_SAFETENSORS)
+def test_the_safetensors_library_refuses_each_malformed_file_too(kind):
+    """The malformed files above are malformed by the library's own rules, not only by fastgpt's."""
+    from safetensors import SafetensorError, safe_open
+
+    header, size, _ = MALFORMED_SAFETENSORS[kind]
+    with pytest.raises(SafetensorError):
+        with safe_open(raw_safetensors(f"lib-{kind.replace(' ', '-')}", header, size), "pt") as f:
+            [f.get_tensor(name) for name in f.keys()]

@@ -31,12 +31,17 @@ def test_cpu_cases_are_the_meaningful_ones():
     by_test = defaultdict(lambda: defaultdict(set))
     for test, batch, seq, impl in ids:
         by_test[test][impl].add((int(batch), int(seq)))
+    # The fused loss against the unfused one at GPT-2 small's width: two implementations, one shape.
+    assert {impl: shapes for impl, shapes in by_test.pop("test_fused_loss_memory").items()} == \
+        {"fastgpt-fused": {(4, 256)}, "fastgpt-eager": {(4, 256)}}
     for test, impls in by_test.items():
-        # No Triton case without CUDA (the interpreter is not a speed) ...
-        assert set(impls) == {"fastgpt-eager", "torch.compile", "transformers"}, test
+        # No Triton case without CUDA (the interpreter is not a speed); training adds the fused loss ...
+        extra = {"fastgpt-fused"} if test == "test_train_step" else set()
+        assert set(impls) == {"fastgpt-eager", "torch.compile", "transformers"} | extra, test
         # ... torch.compile at one shape (its compiles are slow on a CPU), the others at every shape.
         assert len(impls["torch.compile"]) == 1 and impls["fastgpt-eager"] == impls["transformers"], test
         assert impls["torch.compile"] <= impls["fastgpt-eager"] and len(impls["fastgpt-eager"]) >= 2, test
+        assert all(impls[impl] == impls["fastgpt-eager"] for impl in extra), test
     assert set(by_test) == {"test_forward", "test_train_step", "test_prefill", "test_first_token", "test_decode"}
 
 

@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import fastgpt
 from fastgpt import CheckpointError, GPTModel, from_pretrained
-from fastgpt.safetensors_file import SafetensorsFile
+from fastgpt.checkpoints.safetensors_format import SafetensorsFile
 from helpers import TINY, rel_err
 from reference_model import RefGPTModel
 
@@ -104,7 +106,7 @@ def test_a_seed_state_dict_file_loads_exactly(tmp_path, form):
         assert linear.weight.stride() == (1, linear.weight.shape[0])  # out >= in: the (in, out) transpose
     assert ours.trf_blocks[1].ff.layers[2].weight.is_contiguous()  # in = 4·out: the usual (out, in)
     # ... and query/key/value side by side in one (in, 3·out) buffer, as GPT-2's c_attn.
-    weight, bias = ours.trf_blocks[0].att.fused_qkv()
+    weight, bias = ours.trf_blocks[0].att.qkv.weight, ours.trf_blocks[0].att.qkv.bias
     assert weight.shape == (3 * TINY["emb_dim"], TINY["emb_dim"]) and weight.stride() == (1, 3 * TINY["emb_dim"])
     assert torch.equal(bias, torch.cat([state[f"trf_blocks.0.att.{n}.bias"] for n in ("W_query", "W_key", "W_value")]))
     for key, value in ours.state_dict().items():
@@ -114,11 +116,23 @@ def test_a_seed_state_dict_file_loads_exactly(tmp_path, form):
         assert rel_err(ours(idx), ref(idx)) <= 1e-5
 
 
-def test_released_gpt2_widths_imply_their_head_count(tmp_path):
-    cfg = {**TINY, "vocab_size": 11, "context_length": 8, "emb_dim": 768, "n_heads": 12, "n_layers": 1}
-    torch.save(GPTModel(cfg).state_dict(), tmp_path / "small.pth")
-    loaded = from_pretrained(tmp_path / "small.pth")
-    assert (loaded.cfg["n_heads"], loaded.cfg["qkv_bias"], loaded.cfg["drop_rate"]) == (12, False, 0.1)
+def test_a_released_width_implies_its_head_count_and_says_so(tmp_path):
+    # 768 wide but 8 heads: loaded as GPT-2 small's 12 heads it computes other logits (off by ~50 here).
+    cfg = {**TINY, "vocab_size": 11, "context_length": 8, "emb_dim": 768, "n_heads": 8, "n_layers": 1}
+    torch.manual_seed(3)
+    trained = GPTModel(cfg).eval()
+    torch.save(trained.state_dict(), tmp_path / "small.pth")
+    with pytest.warns(UserWarning, match=r"small\.pth: a state dict does not record its number of heads; assuming "
+                                         r"n_heads=12, GPT-2's for emb_dim 768.*pass n_heads="):
+        assumed = from_pretrained(tmp_path / "small.pth")
+    assert (assumed.cfg["n_heads"], assumed.cfg["qkv_bias"], assumed.cfg["drop_rate"]) == (12, False, 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the head count given: nothing to warn about
+        loaded = from_pretrained(tmp_path / "small.pth", n_heads=8)
+    idx = torch.randint(0, 11, (1, 8))
+    with torch.no_grad():
+        assert rel_err(loaded(idx), trained(idx)) <= 1e-5
+        assert rel_err(assumed(idx), trained(idx)) > 1e-2
 
 
 # ---------------------------------------------------------------- OpenAI's TensorFlow checkpoint
@@ -213,7 +227,20 @@ def test_tensorflow_checkpoint_damage_is_reported_with_file_and_tensor(tf_checkp
     index.write_bytes(original)
     (tmp_path / "hparams.json").write_text(json.dumps({"n_vocab": 53, "n_ctx": 16, "n_embd": 32, "n_head": 4,
                                                        "n_layer": 3}))
-    with pytest.raises(CheckpointError, match=r"model\.ckpt\.index: tensor 'model/h2/ln_1/g': is missing"):
+    with pytest.raises(CheckpointError, match=r"model\.ckpt\.index: holds 2 transformer blocks but hparams\.json "
+                                              r"says n_layers=3"):
+        from_pretrained(tmp_path)
+
+
+def test_a_corrupt_tensor_fails_its_checksum(tf_checkpoint, tmp_path):
+    folder, _ = tf_checkpoint
+    for name in ("hparams.json", "checkpoint", "model.ckpt.index", "model.ckpt.data-00000-of-00001"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    data = tmp_path / "model.ckpt.data-00000-of-00001"
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01  # one bit, inside some tensor: same length, other values
+    data.write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match=r"model\.ckpt\.data-00000-of-00001: tensor '.*': checksum mismatch"):
         from_pretrained(tmp_path)
 
 
@@ -354,9 +381,9 @@ def test_missing_unexpected_and_non_gpt2_tensors_are_named(hf_folder, tmp_path):
     with pytest.raises(CheckpointError, match=rf"{tmp_path / 'model.pth'}: tensor 'trf_blocks\.1\.norm2\.shift': "
                                               "is missing"):
         from_pretrained(tmp_path / "model.pth", n_heads=4)
-    (tmp_path / "junk.pth").write_bytes(os.urandom(1000))
-    with pytest.raises(CheckpointError, match="junk.pth: cannot be read as a torch.save file"):
-        from_pretrained(tmp_path / "junk.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "model.pth").read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="cut.pth: cannot be read as a torch.save file, truncated or damaged"):
+        from_pretrained(tmp_path / "cut.pth")
 
 
 def test_values_that_contradict_the_config_are_refused(tmp_path):
@@ -377,26 +404,104 @@ def test_values_that_contradict_the_config_are_refused(tmp_path):
 
 def test_the_fused_query_key_value_matmul_serves_inference_and_training_stays_exact(tmp_path, monkeypatch):
     hf_gpt2(seed=10).save_pretrained(tmp_path)
-    fused = from_pretrained(tmp_path, drop_rate=0.0)
-    plain = GPTModel(fused.cfg).eval()
-    plain.load_state_dict(fused.state_dict())  # same values in separate tensors
-    assert plain.trf_blocks[0].att.fused_qkv() is None
+    loaded = from_pretrained(tmp_path, drop_rate=0.0)
+    built = GPTModel(loaded.cfg).eval()
+    built.load_state_dict(loaded.state_dict())  # same values, the constructor's (3·out, in) layout
+    assert loaded.trf_blocks[0].att.qkv.weight.stride() == (1, 3 * 64)  # GPT-2's c_attn layout, kept
+    assert built.trf_blocks[0].att.qkv.weight.is_contiguous()
     widths = []
     real_linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: (widths.append(w.shape[0]),
                                                                                real_linear(x, w, b))[1])
     idx = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
-        assert rel_err(fused(idx), plain(idx)) <= 1e-6
-    assert widths.count(3 * 64) == 2  # one matmul for query, key and value in each of fused's two blocks
+        assert rel_err(loaded(idx), built(idx)) <= 1e-6
+    # One matmul for query, key and value in each of the two blocks, in both layouts ...
+    assert widths.count(3 * 64) == 4 and 64 in widths
     widths.clear()
-    # With autograd on, the three projections run separately and get their own, exact gradients.
-    optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-2) for model in (fused, plain)]
-    for model, optimizer in zip((fused, plain), optimizers):
+    # ... and in training too, with the same gradients and steps in both layouts.
+    optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-2) for model in (loaded, built)]
+    for model, optimizer in zip((loaded, built), optimizers):
         model.train()
         torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.roll(1).flatten()).backward()
         optimizer.step()
-    assert 3 * 64 not in widths  # with autograd on, three separate projections
-    for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+    assert widths.count(3 * 64) == 4
+    for (name, a), b in zip(loaded.named_parameters(), built.parameters()):
         assert rel_err(a.grad, b.grad) <= 1e-5, name
         assert rel_err(a, b) <= 1e-6, name
+
+
+# ---------------------------------------------------------------- GPT2Config settings that change the maths
+
+def test_layer_norm_epsilon_is_computed_and_saved_back(tmp_path):
+    hf = hf_gpt2(seed=11)
+    hf.config.layer_norm_epsilon = 1e-2  # far from 1e-5: ignoring it would show in the logits
+    hf = transformers.GPT2LMHeadModel(hf.config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = from_pretrained(tmp_path / "hf")
+    assert {m.eps for m in ours.modules() if isinstance(m, fastgpt.LayerNorm)} == {1e-2}
+    assert_same_logits(ours, hf)
+    ours.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["layer_norm_epsilon"] == 1e-2
+    assert_same_logits(from_pretrained(tmp_path / "ours"), hf)
+    with pytest.raises(ValueError, match=r"layer_norm_epsilon=0\.01: a GPTModel built from a config dict uses 1e-05"):
+        fastgpt.weights.config_from_hf_gpt2(hf.config)
+
+
+def test_reorder_and_upcast_attn_computes_the_same_logits(tmp_path):
+    config = hf_gpt2(seed=12).config
+    config.reorder_and_upcast_attn = True
+    torch.manual_seed(12)
+    hf = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager").eval()  # where it applies
+    hf.save_pretrained(tmp_path)
+    assert_same_logits(from_pretrained(tmp_path), hf)
+
+
+def test_dropout_rates_that_differ_need_a_choice(hf_folder):
+    config = json.loads((hf_folder / "config.json").read_text())
+    (hf_folder / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.0}))
+    with pytest.raises(CheckpointError, match=r"config\.json: .*resid_pdrop=0\.1, embd_pdrop=0\.1, attn_pdrop=0\.0 "
+                                              r"differ; fastgpt has one drop_rate.*pass drop_rate="):
+        from_pretrained(hf_folder)
+    assert from_pretrained(hf_folder, drop_rate=0.0).cfg["drop_rate"] == 0.0
+
+
+# ---------------------------------------------------------------- shards
+
+def test_a_sharded_checkpoint_loads(tmp_path):
+    hf = hf_gpt2(seed=13)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    assert_same_logits(from_pretrained(tmp_path), hf)
+
+
+# ---------------------------------------------------------------- what saving costs and writes
+
+def test_save_pretrained_never_holds_two_attention_masks_at_once(tmp_path, monkeypatch):
+    # The seed's att.mask is context × context per layer: 256 MiB each at context 8192.
+    alive = []
+    real_mask = fastgpt.model.causal_mask
+
+    def recording_mask(*args, **kwargs):
+        assert not [ref for ref in alive if ref() is not None], "an earlier layer's mask is still alive"
+        mask = real_mask(*args, **kwargs)
+        alive.append(weakref.ref(mask))
+        return mask
+
+    model = GPTModel({**TINY, "n_layers": 3})
+    monkeypatch.setattr(fastgpt.model, "causal_mask", recording_mask)
+    model.save_pretrained(tmp_path)
+    assert len(alive) <= 3
+    monkeypatch.undo()
+    assert "trf_blocks.0.att.mask" in model.state_dict()  # state_dict() itself is unchanged
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_saved_files_respect_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        GPTModel(TINY).save_pretrained(tmp_path)
+    finally:
+        os.umask(previous)
+    assert {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("config.json", "model.safetensors")} == \
+        {"config.json": mode, "model.safetensors": mode}

@@ -8,15 +8,17 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fastgpt.profiling import profile
 
 
-def _fastgpt(*args: str, cwd) -> subprocess.CompletedProcess:
-    # Run from a scratch folder so the repository root is not on sys.path.
-    return subprocess.run([sys.executable, "-m", "fastgpt", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env={**os.environ, "FASTGPT_BACKEND": "", "TRITON_INTERPRET": "0"})
+def _fastgpt(*args: str, cwd, **env) -> subprocess.CompletedProcess:
+    # Run from a scratch folder so the repository root is not on sys.path. These tests
+    # check the CLI on a CPU: a GPU machine hides its GPUs from it (benchmarks/gpu_check.py
+    # runs the CUDA profile).
+    return subprocess.run([sys.executable, "-m", "fastgpt", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, env={**os.environ, "FASTGPT_BACKEND": "", "TRITON_INTERPRET": "0",
+                                            "CUDA_VISIBLE_DEVICES": "", **env})
 
 
 def _number(pattern: str, text: str) -> float:
@@ -79,7 +81,8 @@ def test_json_to_stdout_replaces_the_table(tmp_path):
     run = json.loads(result.stdout)["runs"][0]
     assert run["mode"] == "generate" and run["new_tokens"] == 3 and run["ops"] is None
     assert run["generation"]["decode_tokens_per_s_median"] > 0
-    assert run["paths_per_pass"]["cached_attention"] == {"eager": 36}  # 12 layers × (prefill + 2 steps)
+    assert run["paths_per_pass"]["cached_attention"] == {"eager": 24}  # 12 layers × 2 decode steps
+    assert run["paths_per_pass"]["causal_attention"] == {"eager": 12}  # the prefill
 
 
 def test_train_step_mode(tmp_path):
@@ -90,6 +93,53 @@ def test_train_step_mode(tmp_path):
     assert "batch 1 × seq_len 8, 1 timed steps (forward + backward + AdamW) after 0 warm-up" in out
     assert re.search(r"\(\d[\d.]* GFLOP/token, 6·N \+ 12·L·T·d\); MFU [\d.]+% of 100 TFLOP/s \(given\)", out)
     assert "train steps use the preset's dropout (0.1)" in out
+
+
+def test_help_and_version_answer_without_loading_torch_even_with_a_bad_backend_variable(tmp_path):
+    code = ("import sys\nfrom fastgpt.cli import main\n"
+            "for args in (['--help'], ['--version'], ['profile', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit as stop:\n        assert stop.code == 0, stop.code\n"
+            "print('torch' in sys.modules, file=sys.stderr)")
+    env = {**os.environ, "FASTGPT_BACKEND": "junk"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "usage: fastgpt" in result.stdout and "fastgpt 0.1.0" in result.stdout
+    assert result.stderr.strip() == "False"
+    # The variable is still refused, clearly, once a command needs the backends.
+    ran = _fastgpt("profile", "--iters", "1", cwd=tmp_path, FASTGPT_BACKEND="junk")
+    assert ran.returncode == 2 and "Traceback" not in ran.stderr
+    assert "environment variable FASTGPT_BACKEND='junk': unknown backend 'junk'" in ran.stderr
+
+
+def test_the_backend_variable_is_honoured_and_backend_overrides_it(tmp_path):
+    forced = _fastgpt("profile", "--seq-len", "4", "--iters", "1", "--warmup", "0", "--no-ops", cwd=tmp_path,
+                      FASTGPT_BACKEND="triton")
+    assert forced.returncode == 2 and "backend 'triton' is forced on a cpu tensor" in forced.stderr
+    chosen = _fastgpt("profile", "--seq-len", "4", "--iters", "1", "--warmup", "0", "--no-ops", "--backend", "eager",
+                      cwd=tmp_path, FASTGPT_BACKEND="triton")
+    assert chosen.returncode == 0, chosen.stderr
+    assert "backend eager" in chosen.stdout
+    per_op = _fastgpt("profile", "--seq-len", "4", "--iters", "1", "--warmup", "0", "--no-ops", cwd=tmp_path,
+                      FASTGPT_BACKEND="auto,gelu=eager")
+    assert per_op.returncode == 0, per_op.stderr
+    assert "backend auto,gelu=eager" in per_op.stdout
+
+
+def test_outputs_are_checked_before_the_work_and_the_trace_is_really_written(tmp_path):
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    result = _fastgpt("profile", "--trace", str(folder), cwd=tmp_path)
+    assert result.returncode == 2 and f"cannot write the trace to {folder}: it is a folder" in result.stderr
+    assert "warm-up" not in result.stderr and "building" not in result.stderr  # refused before any work
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["traces"]  # and no stray DIR.tmp
+    result = _fastgpt("profile", "--json", str(tmp_path / "no-folder" / "r.json"), cwd=tmp_path)
+    assert result.returncode == 2 and "building" not in result.stderr
+
+
+def test_the_cli_names_the_backends_ops_has():
+    from fastgpt import cli, ops
+    assert cli.BACKENDS == ops.BACKENDS
 
 
 def test_console_script_is_installed():
@@ -122,7 +172,6 @@ def test_bad_options_exit_2_with_a_message_and_no_traceback(tmp_path, args, frag
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_asking_for_cuda_without_cuda_is_a_clear_error(tmp_path):
     result = _fastgpt("profile", "--device", "cuda", cwd=tmp_path)
     assert result.returncode == 2

@@ -1,6 +1,7 @@
 """`fastgpt generate`: continues a prompt from a checkpoint (or a random GPT-2 small), streaming tokens."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -35,8 +36,10 @@ def expected_text(checkpoint, prompt, new_tokens, **sampling):
 
 def _fastgpt(*args, cwd):
     # A scratch folder as working directory keeps the repository root off sys.path.
+    # The CLI on a CPU: a GPU machine hides its GPUs from it.
     return subprocess.run([sys.executable, "-m", "fastgpt", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600, env={**os.environ, "FASTGPT_BACKEND": "", "TRITON_INTERPRET": "0"})
+                          timeout=600, env={**os.environ, "FASTGPT_BACKEND": "", "TRITON_INTERPRET": "0",
+                                            "CUDA_VISIBLE_DEVICES": ""})
 
 
 def test_generate_from_a_checkpoint_prints_the_models_continuation(checkpoint, tmp_path):
@@ -84,6 +87,56 @@ def test_no_checkpoint_means_a_random_gpt2_small_with_a_notice(tmp_path):
     assert result.stdout.startswith("Hello")
     notice = [line for line in result.stderr.splitlines() if "random GPT-2 small" in line]
     assert len(notice) == 1 and "untrained" in notice[0]
+
+
+def test_a_closed_pipe_and_ctrl_c_end_quietly(checkpoint, tmp_path):
+    command = [sys.executable, "-m", "fastgpt", "generate", "Hello", "--checkpoint", str(checkpoint),
+               "--max-new-tokens", "1000"]
+    env = {**os.environ, "FASTGPT_BACKEND": "", "TRITON_INTERPRET": "0"}
+    # `| head -c 5`: the reader leaves after five bytes.
+    reader = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    assert reader.stdout.read(5) == b"Hello"
+    reader.stdout.close()
+    _, err = reader.communicate(timeout=300)
+    assert reader.returncode == 1 and b"Traceback" not in err, err.decode()
+    # Ctrl-C while tokens stream.
+    running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    assert running.stdout.read(5) == b"Hello"
+    running.send_signal(signal.SIGINT)
+    _, err = running.communicate(timeout=300)
+    assert running.returncode == 130, err.decode()
+    assert b"fastgpt generate: interrupted" in err and b"Traceback" not in err, err.decode()
+
+
+def test_what_is_cropped_or_ignored_is_said(checkpoint, capsys):
+    long_prompt = "word" + " word" * 39  # 40 tokens, over the context of 32
+    assert cli.main(["generate", long_prompt, "--checkpoint", str(checkpoint), "--max-new-tokens", "2",
+                     "--top-k", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "the prompt is 40 tokens, more than the model's context of 32: it sees the last 32" in err
+    assert "--top-k and --top-p shape sampling only; with --temperature 0 (the default)" in err
+    assert cli.main(["generate", "Hi", "--checkpoint", str(checkpoint), "--max-new-tokens", "2", "--top-k", "5",
+                     "--temperature", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "prompt is" not in err and "--top-k" not in err
+
+
+def test_n_heads_reaches_a_state_dict_without_one(tmp_path, capsys):
+    cfg = {"vocab_size": 50257, "context_length": 16, "emb_dim": 768, "n_heads": 8, "n_layers": 1,
+           "drop_rate": 0.0, "qkv_bias": False}
+    torch.manual_seed(0)
+    trained = fastgpt.GPTModel(cfg).eval()
+    torch.save(trained.state_dict(), tmp_path / "model.pth")
+    args = ["generate", "Hello", "--checkpoint", str(tmp_path / "model.pth"), "--max-new-tokens", "3"]
+    assert cli.main(args) == 0
+    assumed = capsys.readouterr()
+    assert "[fastgpt] warning: " in assumed.err and "assuming n_heads=12" in assumed.err
+    assert cli.main(args + ["--n-heads", "8"]) == 0
+    given = capsys.readouterr()
+    assert "warning" not in given.err
+    tok = fastgpt.get_tokenizer()
+    ids = fastgpt.generate(trained, fastgpt.text_to_token_ids("Hello", tok), 3, 16, eos_id=50256)
+    assert given.out == fastgpt.token_ids_to_text(ids, tok) + "\n"
 
 
 @pytest.mark.parametrize("args,fragment", [

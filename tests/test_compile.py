@@ -6,7 +6,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastgpt
 from fastgpt import GPTModel, ops
-from helpers import TINY, rel_err
+from helpers import TINY, kernel_device, rel_err
+
+DEVICE = kernel_device()  # CUDA when present; else CPU tensors, which forced Triton runs under the interpreter
 
 CFG = {**TINY, "emb_dim": 64, "n_heads": 2}  # head_dim 32: a size the attention kernel takes
 # The custom ops a Triton forward pass puts in the graph (GELU runs as the fused bias + GELU op).
@@ -18,8 +20,8 @@ TRITON_GRAPH_OPS = {"layer_norm", "dropout_add_layer_norm", "gelu", "causal_atte
 def test_fullgraph_compile_matches_the_uncompiled_model(fastgpt_backend, compile_backend):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = GPTModel(CFG).eval()
-    idx = torch.randint(0, CFG["vocab_size"], (2, 11))
+    model = GPTModel(CFG).to(DEVICE).eval()
+    idx = torch.randint(0, CFG["vocab_size"], (2, 11), device=DEVICE)
     fastgpt.set_backend(fastgpt_backend)
     counter = CompileCounterWithBackend(compile_backend)  # the backend, plus a record of the graphs
     compiled = torch.compile(model, backend=counter, fullgraph=True)

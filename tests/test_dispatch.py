@@ -1,8 +1,11 @@
 """Dispatch: backend selection, the record of which path ran, and forced-Triton failures."""
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -50,8 +53,87 @@ def test_backend_spec_parsing():
     assert ops.parse_backend_spec("") == ("auto", {})
     assert ops.parse_backend_spec("eager") == ("eager", {})
     assert ops.parse_backend_spec(" triton , gelu=eager") == ("triton", {"gelu": "eager"})
+    assert ops.parse_backend_spec("eager,eager,gelu=auto,gelu=auto") == ("eager", {"gelu": "auto"})  # repeats agree
     with pytest.raises(ValueError, match="unknown op 'attention'"):
         ops.parse_backend_spec("attention=eager")
+
+
+def test_the_spec_in_force_reads_back_as_a_spec():
+    fastgpt.set_backend("eager")
+    fastgpt.set_backend("triton", op="gelu")
+    assert ops.backend_spec() == "eager,gelu=triton"
+    with fastgpt.use_backend("auto"):
+        assert ops.backend_spec() == "auto"
+    assert ops.parse_backend_spec(ops.backend_spec()) == ("eager", {"gelu": "triton"})
+
+
+# ---------------------------------------------------------------- scopes are per thread and per task
+
+@contextlib.contextmanager
+def _thread_in_a_scope(name):
+    """Another thread inside ``with use_backend(name)`` while this block runs; yields what it saw."""
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def scoped():
+        with fastgpt.use_backend(name):
+            inside.set()
+            release.wait(timeout=60)
+            seen["inside"] = fastgpt.get_backend("gelu")
+        seen["after"] = fastgpt.get_backend()
+
+    worker = threading.Thread(target=scoped)
+    worker.start()
+    try:
+        assert inside.wait(timeout=60)
+        yield seen
+    finally:
+        release.set()
+        worker.join(timeout=60)
+
+
+def test_a_scope_in_one_thread_does_not_reach_another_threads_ops():
+    with _thread_in_a_scope("triton") as seen:
+        # Under the old process-global scope, this plain forward raised BackendError (Triton on CPU).
+        assert fastgpt.get_backend("gelu") == "auto"
+        GPTModel(TINY).eval()(torch.zeros(1, 3, dtype=torch.long))
+    assert seen["inside"] == "triton"
+
+
+def test_set_backend_in_one_thread_survives_another_threads_scope_ending():
+    with _thread_in_a_scope("triton") as seen:
+        fastgpt.set_backend("eager")
+    assert seen == {"inside": "triton", "after": "eager"}  # set_backend is process-wide
+    assert fastgpt.get_backend() == "eager"
+
+
+def test_scopes_closed_out_of_order_each_remove_only_themselves():
+    def generator():
+        with fastgpt.use_backend("eager"):
+            yield fastgpt.get_backend()
+
+    gen = generator()
+    assert next(gen) == "eager"
+    outer = fastgpt.use_backend("triton", op="gelu")
+    outer.__enter__()
+    gen.close()  # the generator's scope ends first, inside the other one
+    assert (fastgpt.get_backend(), fastgpt.get_backend("gelu")) == ("auto", "triton")
+    outer.__exit__(None, None, None)
+    assert (fastgpt.get_backend(), fastgpt.get_backend("gelu")) == ("auto", "auto")
+
+
+def test_asyncio_tasks_each_have_their_own_scope():
+    async def task(name, started, other_started):
+        with fastgpt.use_backend(name):
+            started.set()
+            await other_started.wait()
+            return fastgpt.get_backend()
+
+    async def main():
+        a, b = asyncio.Event(), asyncio.Event()
+        results = await asyncio.gather(task("eager", a, b), task("triton", b, a))
+        return results, fastgpt.get_backend()
+
+    assert asyncio.run(main()) == (["eager", "triton"], "auto")
 
 
 def test_environment_variable_sets_the_backend_and_rejects_typos():
@@ -59,9 +141,14 @@ def test_environment_variable_sets_the_backend_and_rejects_typos():
                      FASTGPT_BACKEND="eager,gelu=auto")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.split() == ["eager", "auto"]
-    bad = _run_python("import fastgpt", FASTGPT_BACKEND="trtion")
-    assert bad.returncode != 0
-    assert "FASTGPT_BACKEND='trtion': unknown backend 'trtion'" in bad.stderr
+    # `import fastgpt` alone loads nothing (the CLI's --help stays fast); the first use of an op reads it.
+    for spec, message in [("trtion", "FASTGPT_BACKEND='trtion': unknown backend 'trtion'"),
+                          ("eager,triton", "FASTGPT_BACKEND='eager,triton': conflicting default backends"),
+                          ("gelu=eager,gelu=triton", "FASTGPT_BACKEND='gelu=eager,gelu=triton': conflicting backends "
+                                                     "for gelu")]:
+        bad = _run_python("import fastgpt; fastgpt.GPTModel", FASTGPT_BACKEND=spec)
+        assert bad.returncode != 0
+        assert message in bad.stderr
 
 
 def test_forcing_triton_for_an_op_without_a_kernel_fails_loudly():

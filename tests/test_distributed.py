@@ -2,7 +2,7 @@
 
 Two processes on the gloo backend (CPU) each train on half of a batch; their
 losses, gradients and parameters must match one process trained on the whole
-batch. With no GPU the Triton kernels run under the interpreter in every rank.
+batch. The ranks (and the reference) run on CPU tensors under the Triton interpreter, on a GPU machine too.
 """
 
 import os
@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastgpt
-from distributed_worker import BATCH, LR, STEPS, STRATEGIES, batch, new_model
+from distributed_worker import BATCH, STRATEGIES
 from helpers import rel_err
-from seed_training import make_optimizer, one_thread, train_step
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 WORLD_SIZE = 2
@@ -34,7 +32,7 @@ def _free_port() -> int:
 def _run_ranks(backend: str, out_dir: Path) -> dict:
     """Start WORLD_SIZE worker processes; their results by strategy."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WORLD_SIZE": str(WORLD_SIZE), "FASTGPT_BACKEND": "", "OMP_NUM_THREADS": "1"}
+           "WORLD_SIZE": str(WORLD_SIZE), "FASTGPT_BACKEND": "", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     # cwd out_dir keeps the repository root off sys.path; the script's folder (tests/) is on it.
     procs = [subprocess.Popen([sys.executable, str(WORKER), backend, str(out_dir)], cwd=out_dir,
                               env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -54,16 +52,14 @@ def _run_ranks(backend: str, out_dir: Path) -> dict:
     return {strategy: torch.load(out_dir / f"{strategy}.pt") for strategy in STRATEGIES}
 
 
-def _single_process_reference(backend: str) -> dict:
-    model = new_model()
-    optimizer = make_optimizer(model, lr=LR)
-    inputs, targets = batch()
-    with fastgpt.use_backend(backend), one_thread():
-        losses = [train_step(model, optimizer, inputs, targets).item() for _ in range(STEPS)]
-    return {"losses": losses,
-            "grads": {name: p.grad.detach().clone() for name, p in model.named_parameters()},
-            "params": {name: p.detach().clone() for name, p in model.named_parameters()},
-            "state_dict": model.state_dict()}
+def _single_process_reference(backend: str, out_dir: Path) -> dict:
+    """The same training in one plain process, run as its own process too: the ranks use the
+    interpreter on CPU tensors even on a GPU machine, and so must their reference."""
+    env = {**os.environ, "FASTGPT_BACKEND": "", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(WORKER), "reference", backend, str(out_dir)], cwd=out_dir, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, f"reference exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+    return torch.load(out_dir / "reference.pt")
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +68,9 @@ def two_ranks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(tmp_path_factory):
     # Triton in both runs: the ranks must agree with the same kernels in one process.
-    return _single_process_reference("triton")
+    return _single_process_reference("triton", tmp_path_factory.mktemp("reference"))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -153,16 +153,16 @@ def test_summary_counts_rows(fixture_report):
     assert summary == {"cases": 5, "archs": 2, "compiled": 8, "compile_errors": 2,
                        "spills": summary["spills"], "failures": 6, "ok": False}
     assert summary["spills"] >= 2
-    assert re.fullmatch(r"5 cases × 2 archs compiled \(2 did not compile\), \d+ spills, 6 failures",
-                        fixture_report.summary_line())
+    assert re.fullmatch(rf"5 cases × 2 archs compiled with Triton {re.escape(triton.__version__)} "
+                        r"\(2 did not compile\), \d+ spills, 6 failures", fixture_report.summary_line())
 
 
 def test_table_has_one_line_per_row(fixture_report):
     lines = report.format_table(fixture_report).splitlines()
-    assert lines[0].split()[:3] == ["kernel", "config", "arch"]
+    assert lines[0].split()[:5] == ["kernel", "config", "shapes", "arch", "triton"]
     assert len(lines) == 2 + len(fixture_report.results)
     matmul_sm80 = next(line for line in lines if line.startswith("matmul ") and "sm_80" in line)
-    assert "HMMA×" in matmul_sm80 and matmul_sm80.endswith("ok")
+    assert "HMMA.16816×" in matmul_sm80 and matmul_sm80.endswith("ok")
     failures = report.format_failures(fixture_report)
     assert "FAIL whole_tile [BM=128 BN=64] sm_90: spills " in failures
     assert "FAIL double [BLOCK=48] sm_80: did not compile: arange's range must be a power of 2" in failures
@@ -237,7 +237,8 @@ def test_a_dying_or_hung_worker_fails_only_its_own_case():
 
 JSON_CASE_FIELDS = {"kernel", "config", "arch", "num_warps", "num_stages", "expects_tensor_cores", "registers",
                     "spill_stores_bytes", "spill_loads_bytes", "stack_bytes", "shared_bytes", "tensor_cores",
-                    "tensor_core_instructions", "compile_seconds", "ok", "error", "failures"}
+                    "tensor_core_instructions", "expects_min_wgmma_n", "expects_tma", "sass", "programs_per_sm", "compile_seconds", "triton_version",
+                    "ptxas_version", "shapes", "ok", "error", "failures"}
 
 
 def test_cli_fails_strictly_and_writes_json(tmp_path, capsys):
@@ -245,11 +246,13 @@ def test_cli_fails_strictly_and_writes_json(tmp_path, capsys):
     assert report.main(["--json", str(out)], cases=[ADD, BROKEN]) == 1
     printed = capsys.readouterr().out
     assert "FAIL double [BLOCK=48] sm_90: did not compile" in printed
-    assert printed.rstrip().endswith("2 cases × 2 archs compiled (2 did not compile), 0 spills, 2 failures")
+    assert printed.rstrip().endswith(f"2 cases × 2 archs compiled with Triton {triton.__version__} "
+                                     "(2 did not compile), 0 spills, 2 failures")
 
     document = json.loads(out.read_text())
-    assert {"tool", "created", "triton_version", "torch_version", "python_version", "archs", "ptxas_versions",
-            "shared_memory_limits", "cases", "summary"} <= set(document)
+    assert {"tool", "created", "triton_version", "triton_versions", "torch_version", "python_version", "archs",
+            "ptxas_versions", "shared_memory_limits", "cases", "summary"} <= set(document)
+    assert document["triton_versions"] == [triton.__version__]
     assert document["triton_version"] == triton.__version__
     assert document["archs"] == ["sm_80", "sm_90"]
     assert document["shared_memory_limits"] == {"sm_80": 166912, "sm_90": 232448}
@@ -263,7 +266,8 @@ def test_cli_fails_strictly_and_writes_json(tmp_path, capsys):
 def test_cli_exit_status_without_failures_or_without_strict(capsys):
     assert report.main(["--arch", "sm_90"], cases=[ADD]) == 0
     assert report.main(["--arch", "80", "--no-strict"], cases=[BROKEN]) == 0
-    assert "1 case × 1 arch compiled (1 did not compile), 0 spills, 1 failure" in capsys.readouterr().out
+    assert f"1 case × 1 arch compiled with Triton {triton.__version__} (1 did not compile), 0 spills, 1 failure" \
+        in capsys.readouterr().out
 
 
 def test_cli_rejects_an_arch_without_a_known_limit(capsys):
@@ -289,3 +293,90 @@ def test_module_entry_point_on_an_empty_catalogue_under_triton_interpret(tmp_pat
     assert done.stdout.rstrip().endswith("0 cases × 2 archs compiled, 0 spills, 0 failures")
     document = json.loads(out.read_text())
     assert document["cases"] == [] and document["summary"]["ok"] is True
+
+
+# ---------------------------------------------------------------- the launched specialisation
+
+@triton.jit(do_not_specialize=["n_rows"])
+def scale_rows_kernel(x_ptr, out_ptr, n_rows, n_cols, stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = (cols < n_cols) & (row < n_rows)
+    tl.store(out_ptr + row * stride + cols, tl.load(x_ptr + row * stride + cols, mask=mask) * 2, mask=mask)
+
+
+def _launch_case(n_rows, n_cols, shape, **fields):
+    from fastgpt.kernels.cases import TensorArg
+    import torch
+    x = TensorArg(torch.float32)
+    return CompileCase.of_launch("scale_rows", scale_rows_kernel,
+                                 ((n_rows,), (x, x, n_rows, n_cols, n_cols), {"BLOCK": 1024, "num_warps": 4}),
+                                 config="BLOCK=1024", shape=shape, **fields)
+
+
+def test_launches_compile_as_tritons_launcher_specialises_them():
+    # 768 columns: divisible by 16 (vectorised loads); 700 is not; 1 becomes a constant.
+    # n_rows is do_not_specialize: 8192 and 100 rows bind to one variant.
+    cases = [_launch_case(8192, 768, "gpt2"), _launch_case(100, 768, "ragged rows"),
+             _launch_case(100, 700, "ragged width"), _launch_case(100, 1, "one column")]
+    built = report.build_report(cases, (90,), jobs=2)
+    assert [row.shapes for row in built.results] == [["gpt2", "ragged rows"], ["ragged width"], ["one column"]]
+    divisible, ragged, one = built.results
+    assert all(row.ok for row in built.results), [row.failures for row in built.results]
+    # The divisible width vectorises: fewer, wider loads than the ragged one.
+    assert divisible.sass["classes"]["global_load"] < ragged.sass["classes"]["global_load"]
+    assert "(3 distinct variants)" in built.summary_line()
+
+
+def test_sass_profile_counts_classes_and_tensor_core_shapes(fixture_report):
+    from fastgpt.kernels.sass import smallest_wgmma_n
+    sm90 = rows(fixture_report, "matmul")["sm_90"]
+    assert sm90.sass["total"] > 50 and sm90.sass["classes"]["tensor_core"] > 0
+    assert any(op.startswith("HGMMA.64x64x16") for op in sm90.sass["tensor_core_shapes"])
+    assert smallest_wgmma_n(sm90.sass) == 64
+    sm80 = rows(fixture_report, "matmul")["sm_80"]
+    assert smallest_wgmma_n(sm80.sass) is None and "HMMA" in " ".join(sm80.sass["tensor_core_shapes"])
+    add = rows(fixture_report, "add")["sm_90"]
+    assert add.sass["classes"]["global_load"] > 0 and "tensor_core" not in add.sass["classes"]
+
+
+def test_programs_per_sm_follow_cudas_occupancy_rules():
+    from fastgpt.kernels.sass import programs_per_sm
+    # 128 registers × 256 threads = 32K: two programs fit in 64K registers.
+    assert programs_per_sm(90, 128, 8, 1000) == {"programs": 2, "limited_by": "registers", "warps": 16}
+    # 100 KB of shared memory each: two fit in sm_90's 228 KB, one in sm_80's 164 KB.
+    assert programs_per_sm(90, 32, 4, 100_000)["programs"] == 2
+    assert programs_per_sm(80, 32, 4, 100_000) == {"programs": 1, "limited_by": "shared", "warps": 4}
+    assert programs_per_sm(90, 16, 1, 0) == {"programs": 32, "limited_by": "blocks", "warps": 32}
+
+
+def test_a_case_for_one_arch_is_compiled_for_that_arch_only():
+    built = report.build_report([_launch_case(8192, 768, "gpt2", archs=(90,))], (80, 90), jobs=1)
+    assert [row.arch for row in built.results] == ["sm_90"]
+
+
+def test_another_triton_is_imported_from_its_folder(tmp_path, capsys):
+    site = tmp_path / "site"
+    (site / "triton").mkdir(parents=True)
+    (site / "triton" / "__init__.py").write_text("raise ImportError('the stub Triton of this test')\n")
+    [row] = report.build_report([ADD], (90,), jobs=1, triton_sites=[str(site)]).results
+    assert not row.ok and "compiler process died" in row.error  # the worker imported the stub
+    assert report.main(["--triton", str(tmp_path / "nowhere")], cases=[ADD]) == 2
+    assert "no triton package in that folder" in capsys.readouterr().err
+
+
+def test_the_cli_filters_cases_by_kernel_and_config(capsys):
+    assert report.main(["--arch", "90", "--kernel", "^add$", "--config", "fp32"], cases=[ADD, MATMUL, BROKEN]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(
+        f"1 case × 1 arch compiled with Triton {triton.__version__}, 0 spills, 0 failures")
+
+
+def test_wgmma_width_and_tma_expectations_fail_a_row_that_misses_them():
+    narrow = {"total": 100, "classes": {"tensor_core": 2}, "tensor_core_shapes": {"HGMMA.64x32x16.F32.BF16": 2}}
+    wide = {"total": 100, "classes": {"tensor_core": 2, "tma": 3}, "tensor_core_shapes": {"HGMMA.64x64x16.F32.BF16": 2}}
+    expects = dict(expects_tensor_cores=True, tensor_cores=True, expects_min_wgmma_n=64, expects_tma=True)
+    assert report.failure_reasons(passing_row("sm_90", sass=narrow, **expects)) == [
+        "expects wgmma (HGMMA) with N >= 64, emitted HGMMA.64x32x16.F32.BF16",
+        "expects TMA loads (UTMALDG) but emitted none"]
+    assert report.failure_reasons(passing_row("sm_90", sass=wide, **expects)) == []
+    assert report.failure_reasons(passing_row("sm_80", sass=narrow, **expects)) == []  # sm_90 expectations only

@@ -13,12 +13,13 @@ import torch
 
 import fastgpt
 from fastgpt import ops
-from helpers import TOLERANCES, kernel_device, rel_err
+from fastgpt.kernels.dropout import quantize
+from helpers import TF32_TOLERANCES, TOLERANCES, kernel_device, rel_err
 
 DEVICE = kernel_device()
 
 
-pytestmark = pytest.mark.usefixtures("forced_triton")
+pytestmark = [pytest.mark.usefixtures("forced_triton"), pytest.mark.kernels]
 
 
 def _qkv(b, h, t, d, dtype, seed=0):
@@ -32,8 +33,8 @@ def _reference(q, k, v, keep=None, p=0.0):
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-    if keep is not None:
-        weights = weights * keep / (1.0 - p)
+    if keep is not None:  # the kernels round p to a multiple of 1/256 and scale by 1/(1 − p rounded)
+        weights = weights * keep * quantize(p)[1]
     return weights @ v
 
 
@@ -64,13 +65,54 @@ def _run_and_compare(q, k, v, dtype, keep=None, p=0.0, torch_seed=0):
 
 CASES = ([(t, 64, torch.float32) for t in (1, 17, 64, 100, 256)]
          + [(t, 64, torch.float16) for t in (1, 17, 100)]
-         + [(33, 32, torch.float32), (33, 128, torch.float32), (40, 128, torch.float16)])
+         + [(33, 32, torch.float32), (33, 128, torch.float16), (40, 128, torch.float16)])
 
 
 @pytest.mark.parametrize("t,d,dtype", CASES, ids=str)
 def test_attention_forward_and_backward_match_float64(t, d, dtype):
     q, k, v = _qkv(2, 3, t, d, dtype, seed=t)
     _run_and_compare(q, k, v, dtype)
+
+
+def _forward_paths(launches):
+    return {launch["bound"]["USE_TMA"] for fn, launch in launches if fn.__name__ == "_attn_fwd_kernel"}
+
+
+@pytest.mark.parametrize("t", [1, 17, 100, 256])
+def test_the_tma_forward_matches_float64_on_the_projection_layout(monkeypatch, t):
+    # The sm_90 path (host-side tensor descriptors), forced under the interpreter on the
+    # model's (B, T, H·d) projection layout; the backward is the same either way.
+    from catalogue_launches import launches_in_the_catalogue
+    from fastgpt.kernels import attention
+    monkeypatch.setattr(attention, "TMA_POLICY", "always")
+    b, h, d = 2, 3, 64
+    q, k, v = (torch.randn(b, t, h, d, generator=torch.Generator().manual_seed(i)).half().to(DEVICE).transpose(1, 2)
+               for i in range(3))
+    with launches_in_the_catalogue() as launches:
+        _run_and_compare(q, k, v, torch.float16)
+    assert _forward_paths(launches) == {True}
+    monkeypatch.setattr(attention, "TMA_POLICY", "never")
+    with launches_in_the_catalogue() as launches:
+        ops.causal_attention(q, k, v)
+    assert _forward_paths(launches) == {False}
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize("q_len,kv_len", [(17, 40), (40, 41), (33, 100), (64, 64)])
+def test_a_chunked_prefill_runs_the_forward_kernel_with_a_bottom_right_mask(monkeypatch, q_len, kv_len, use_tma):
+    from fastgpt.kernels import attention
+    from test_kernels_decode_attention import _bottom_right_reference
+    monkeypatch.setattr(attention, "TMA_POLICY", "always" if use_tma else "never")
+    g = torch.Generator().manual_seed(q_len)
+    dtype = torch.float16
+    q = torch.randn(2, 3, q_len, 64, generator=g).to(dtype).to(DEVICE)
+    k, v = (torch.randn(2, 3, kv_len, 64, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    with torch.no_grad():
+        out = ops.cached_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel_err(out, _bottom_right_reference(q, k, v)) <= TOLERANCES[dtype][0]
+    counted = "causal_attention" if q_len == kv_len else "cached_attention"
+    assert ops.dispatch_counts == {(counted, "triton"): 1}
 
 
 def test_attention_takes_the_projection_layout_without_copies():
@@ -147,25 +189,72 @@ def test_unsupported_cases_are_refused_when_forced():
 def test_attention_custom_op_passes_torch_library_opcheck():
     from fastgpt.kernels import attention  # noqa: F401  (registers the ops)
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 20, 32, torch.float32))
-    torch.library.opcheck(torch.ops.fastgpt.causal_attention.default, (q, k, v, 0.0, torch.tensor([7])))
+    torch.library.opcheck(torch.ops.fastgpt.causal_attention.default, (q, k, v, 0.0, None))
+    seed = torch.tensor([7], device=DEVICE)
+    torch.library.opcheck(torch.ops.fastgpt.causal_attention.default, (q, k, v, 0.25, seed))
 
 
 def _tuned_configs():
+    """Every (kind, head_dim, dtype, dropout, config) some arch family's table lists."""
     from fastgpt.kernels import attention
-    for name, table in (("fwd", attention.FWD_CONFIGS), ("dkdv", attention.DKDV_CONFIGS), ("dq", attention.DQ_CONFIGS)):
-        for (d, fp32), configs in table.items():
+    seen = set()
+    for kind, table in attention.TABLES.items():
+        for (_, d, fp32, dropout), configs in table.items():
             for config in configs:
-                yield pytest.param(name, d, torch.float32 if fp32 else torch.bfloat16, config,
-                                   id=f"{name}-d{d}-{'fp32' if fp32 else 'bf16'}-{config!r}")
+                for p in ((0.0, 0.1) if dropout is None else (0.1 if dropout else 0.0,)):
+                    dtype = torch.float32 if fp32 else torch.bfloat16
+                    if (kind, d, dtype, p, config) not in seen:
+                        seen.add((kind, d, dtype, p, config))
+                        yield pytest.param(kind, d, dtype, p, config,
+                                           id=f"{kind}-d{d}-{str(dtype)[6:]}-p{p}-{config!r}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs CUDA: the interpreter runs only the pinned config (bf16 dots are broken there too)")
-@pytest.mark.parametrize("kind,d,dtype,config", list(_tuned_configs()))
-def test_every_tuned_config_is_correct_on_gpu(kind, d, dtype, config):
+@pytest.mark.parametrize("kind,d,dtype,p,config", list(_tuned_configs()))
+def test_every_tuned_config_is_correct_on_gpu(kind, d, dtype, p, config):
     from fastgpt.kernels.attention import use_config
-    q, k, v = _qkv(2, 3, 300, d, dtype, seed=d)
     with use_config(kind, config):
-        _run_and_compare(q, k, v, dtype)
-        keep = _keep_mask(2, 3, 130, d, 0.1, dtype, torch_seed=1)
-        _run_and_compare(*_qkv(2, 3, 130, d, dtype, seed=1), dtype, keep=keep, p=0.1, torch_seed=1)
+        if p == 0.0:
+            _run_and_compare(*_qkv(2, 3, 300, d, dtype, seed=d), dtype)
+        else:
+            keep = _keep_mask(2, 3, 130, d, p, dtype, torch_seed=1)
+            _run_and_compare(*_qkv(2, 3, 130, d, dtype, seed=1), dtype, keep=keep, p=p, torch_seed=1)
+
+
+def _fp32_precision(setting):
+    """Context: torch.set_float32_matmul_precision(setting), restored after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(setting)
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
+    return scope()
+
+
+@pytest.mark.parametrize("setting,precision", [("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32")])
+def test_float32_dots_follow_pytorchs_tf32_switch(setting, precision):
+    from catalogue_launches import launches_in_the_catalogue
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 20, 32, torch.float32))
+    with _fp32_precision(setting), launches_in_the_catalogue() as launches:
+        ops.causal_attention(q, k, v, dropout_p=0.1).sum().backward()
+    dots = {fn.__name__: launch["bound"]["DOT_PRECISION"] for fn, launch in launches
+            if "DOT_PRECISION" in launch["bound"]}
+    assert dots == {"_attn_fwd_kernel": precision, "_attn_bwd_kernel": precision}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the interpreter multiplies exactly at any setting")
+def test_float32_is_full_precision_by_default_and_tf32_only_when_allowed_on_gpu():
+    q, k, v = _qkv(2, 3, 300, 64, torch.float32, seed=5)
+    ref = _reference(q.double(), k.double(), v.double())
+    with _fp32_precision("highest"):
+        full = rel_err(ops.causal_attention(q, k, v), ref)
+    with _fp32_precision("high"):
+        tf32 = rel_err(ops.causal_attention(q, k, v), ref)
+    assert full <= TOLERANCES[torch.float32][0]
+    assert TOLERANCES[torch.float32][0] < tf32 <= TF32_TOLERANCES[0]  # TF32 really ran, within its bound

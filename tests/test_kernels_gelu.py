@@ -11,7 +11,7 @@ from helpers import TOLERANCES, kernel_device, rel_err
 DEVICE = kernel_device()
 
 
-pytestmark = pytest.mark.usefixtures("forced_triton")
+pytestmark = [pytest.mark.usefixtures("forced_triton"), pytest.mark.kernels]
 
 
 def _randn(shape, dtype, seed):

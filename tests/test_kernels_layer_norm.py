@@ -12,12 +12,13 @@ import torch.nn.functional as F
 
 import fastgpt
 from fastgpt import ops
+from fastgpt.kernels.dropout import quantize
 from helpers import TOLERANCES, kernel_device, rel_err
 
 DEVICE = kernel_device()
 
 
-pytestmark = pytest.mark.usefixtures("forced_triton")
+pytestmark = [pytest.mark.usefixtures("forced_triton"), pytest.mark.kernels]
 
 
 def _inputs(shape, dtype, seed=0):
@@ -98,7 +99,8 @@ def _keep_mask(shape, dtype, p, torch_seed):
 
 
 def _dropout_add_reference(x, branch, w, b, keep, p):
-    scale = 1.0 / (1.0 - p) if p > 0 else 1.0
+    # The kernels round p to a multiple of 1/256 and scale by 1 / (1 − p rounded): unbiased.
+    scale = quantize(p)[1]
     h = x + branch * keep * scale
     return h, F.layer_norm(h, (h.shape[-1],), w, b, 1e-5)
 
@@ -138,6 +140,8 @@ def test_dropout_keep_rate_and_reproducibility():
     h2, _ = ops.dropout_add_layer_norm(x, branch, w, b, 1e-5, p)
     h3, _ = ops.dropout_add_layer_norm(x, branch, w, b, 1e-5, p)
     kept = (h1 != 0).double().mean().item()
+    threshold, scale = quantize(p)
+    assert threshold == 64  # 0.25 is a multiple of 1/256: no rounding
     sigma = math.sqrt(p * (1 - p) / n)
     assert abs(kept - (1 - p)) < 5 * sigma, f"keep rate {kept:.4f}, expected {1 - p} ± {5 * sigma:.4f}"
     assert torch.equal(h1, h2), "same torch seed, same mask"
@@ -161,6 +165,6 @@ def test_custom_ops_pass_torch_library_opcheck():
     branch = torch.randn(3, 24, device=DEVICE)
     args = [t.requires_grad_() for t in (x, w, b)]
     torch.library.opcheck(torch.ops.fastgpt.layer_norm.default, (*args, 1e-5))
-    seed = torch.tensor([1234])
+    seed = torch.tensor([1234], device=DEVICE)
     torch.library.opcheck(torch.ops.fastgpt.dropout_add_layer_norm.default,
                           (x, branch.requires_grad_(), w, b, 1e-5, 0.0, seed))

@@ -1,5 +1,6 @@
 """GPTModel with every available Triton kernel against the eager model: loss, gradients, torch.compile."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -7,6 +8,7 @@ import fastgpt
 from fastgpt import GPTModel, ops
 from helpers import TINY, kernel_device, rel_err
 
+pytestmark = pytest.mark.kernels
 DEVICE = kernel_device()
 CFG = {**TINY, "qkv_bias": True, "emb_dim": 96, "n_heads": 3}  # width 96: not a power of two; head_dim 32
 

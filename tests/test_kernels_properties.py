@@ -24,7 +24,7 @@ from test_kernels_decode_attention import _bottom_right_reference
 from test_kernels_layer_norm import _check_grad, _dropout_add_reference
 from test_kernels_layer_norm import _keep_mask as residual_keep_mask
 
-pytestmark = pytest.mark.usefixtures("forced_triton")
+pytestmark = [pytest.mark.usefixtures("forced_triton"), pytest.mark.kernels]
 
 DEVICE = kernel_device()
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -246,7 +246,7 @@ def test_causal_attention_matches_float64(b, h, t, d, dtype, layout, p, seed):
 
 
 @kernel_settings(8)
-@given(b=st.integers(1, 2), h=st.integers(1, 2), q_len=st.integers(1, 16), extra=st.integers(0, 150),
+@given(b=st.integers(1, 2), h=st.integers(1, 2), q_len=st.integers(1, 16), extra=st.integers(1, 150),
        d=st.sampled_from([32, 64]), dtype=st.sampled_from(DOT_DTYPES), seed=st.integers(0, 2**16))
 def test_decode_attention_matches_float64(b, h, q_len, extra, d, dtype, seed):
     fresh_counts()

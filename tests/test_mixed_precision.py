@@ -19,6 +19,7 @@ from helpers import TINY, TOLERANCES, kernel_device, rel_err
 from seed_training import make_optimizer, one_thread, random_batch, train_step
 from test_kernels_decode_attention import _bottom_right_reference
 
+pytestmark = pytest.mark.kernels
 DEVICE = kernel_device()
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 CFG = {**TINY, "emb_dim": 64, "n_heads": 2}  # head_dim 32: a size the attention kernel takes

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import GPTModel, ops
+from fastgpt.fused_qkv import seed_named_grads
 from fastgpt.weights import config_from_hf_gpt2, state_dict_from_hf_gpt2
 from helpers import TINY, rel_err
 from reference_model import RefGPTModel
@@ -43,16 +44,16 @@ def test_train_mode_logits_and_every_gradient_match_the_reference(seq_len):
     ref_params = dict(ref.named_parameters())
     total_norm = torch.cat([p.grad.flatten() for p in ref_params.values()]).norm()
     checked = 0
-    for name, param in ours.named_parameters():
-        assert param.grad is not None, name
+    for name, grad in seed_named_grads(ours):  # query/key/value: rows of the fused parameter's gradient
+        assert grad is not None, name
         ref_grad = ref_params[name].grad
         if ref_grad.norm() > 1e-8 * total_norm:
-            assert rel_err(param.grad, ref_grad) <= 1e-4, name
+            assert rel_err(grad, ref_grad) <= 1e-4, name
         else:
             # The key bias's gradient is exactly zero in exact arithmetic (adding
             # q·b to every score of a row leaves its softmax unchanged): measure
             # its rounding noise against the whole gradient instead.
-            assert (param.grad.double() - ref_grad).norm() <= 1e-6 * total_norm, name
+            assert (grad.double() - ref_grad).norm() <= 1e-6 * total_norm, name
         checked += 1
     assert checked == len(ref_params)
 

@@ -11,7 +11,7 @@ import torch
 
 import fastgpt
 from fastgpt import flops, ops
-from fastgpt.op_table import PYTHON_ROW, UNCLAIMED_ROW, build_op_table, op_group
+from fastgpt.profiling.op_table import PYTHON_ROW, UNCLAIMED_ROW, build_op_table, op_group
 from fastgpt.profiling import compare, profile, report_json, triton_side
 
 # GPT-2's shape, small enough for a CPU test: head_dim 64, GPT-2's vocabulary.
@@ -198,11 +198,11 @@ def test_forward_profile_measures_latency_paths_ops_and_memory():
     table = result.ops
     assert table.basis == "self CPU" and table.passes == 3
     rows = _rows(table)
-    # Per pass: 2 blocks × 2 norms + the final one; every Linear: 2 × (3 qkv + out + 2 ff) + the head.
+    # Per pass: 2 blocks × 2 norms + the final one; every matmul: 2 × (fused qkv + out + 2 ff) + the head.
     assert rows[("layernorm", "aten::native_layer_norm")].calls == 5
     assert rows[("layernorm", "aten::native_layer_norm")].path == "eager"
     assert sum(o.calls for g in table.groups if g.name == "matmul" for o in g.ops
-               if o.name in ("aten::mm", "aten::addmm")) == 13
+               if o.name in ("aten::mm", "aten::addmm")) == 9
     assert any(name.startswith("aten::_scaled_dot_product") for group, name in rows if group == "attention")
     assert rows[("gelu", "aten::gelu")].calls == 2
     assert all(g.ms >= 0 for g in table.groups) and table.total_ms > 0
@@ -234,8 +234,9 @@ def test_generate_profile_reports_prefill_first_token_and_decode_rate():
     assert 0 < first < total
     assert gen.decode_tokens_per_s[0] == pytest.approx(2 * 4 / ((total - first) / 1000))
     assert result.tokens_per_s == pytest.approx(statistics.median(gen.decode_tokens_per_s))
-    # One prefill and four decode steps per call, through both blocks.
-    assert result.paths["cached_attention"] == {"eager": 2 * 5}
+    # One prefill (causal attention) and four decode steps per call, through both blocks.
+    assert result.paths["cached_attention"] == {"eager": 2 * 4}
+    assert result.paths["causal_attention"] == {"eager": 2 * 1}
     assert result.flops_per_token is None and result.mfu is None
     text = result.format()
     assert "prefill     median" in text and "first token median" in text and "decode      median" in text
@@ -289,3 +290,17 @@ def test_compare_runs_eager_and_triton_on_the_same_model_under_the_interpreter()
     assert comparison.to_dict()["latency"] == pytest.approx(eager.median_ms / triton.median_ms)
     text = comparison.format()
     assert "eager vs triton (backend triton)" in text and "interpreter" in text and "speed-up" in text
+
+
+def test_profile_leaves_the_callers_counts_random_state_and_backend_as_they_were():
+    ops.reset_dispatch_counts()
+    ops.dispatch_counts[("gelu", "eager")] = 7  # the caller's own record
+    torch.manual_seed(42)
+    expected_next = torch.rand(3)
+    torch.manual_seed(42)
+    fastgpt.set_backend("eager")
+    result = profile(config=TINY, seq_len=4, warmup=0, iters=1, profile_ops=False)
+    assert result.backend == "eager"  # no backend given: the one in force
+    assert dict(ops.dispatch_counts) == {("gelu", "eager"): 7}
+    assert torch.equal(torch.rand(3), expected_next)
+    assert fastgpt.get_backend() == "eager"

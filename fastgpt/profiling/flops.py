@@ -27,16 +27,12 @@ from typing import Optional
 
 import torch
 
+from ..config import parameter_count_of
+
 
 def non_embedding_parameters(cfg: dict) -> int:
     """Parameters of a GPTModel built from ``cfg``, minus the token and position embeddings."""
-    d, layers, vocab = cfg["emb_dim"], cfg["n_layers"], cfg["vocab_size"]
-    qkv = 3 * d * d + (3 * d if cfg["qkv_bias"] else 0)
-    out_proj = d * d + d
-    feed_forward = (d * 4 * d + 4 * d) + (4 * d * d + d)
-    norms = 2 * 2 * d
-    per_layer = qkv + out_proj + feed_forward + norms
-    return layers * per_layer + 2 * d + d * vocab  # + final norm + output head
+    return parameter_count_of(cfg) - (cfg["vocab_size"] + cfg["context_length"]) * cfg["emb_dim"]
 
 
 def flops_per_token(cfg: dict, seq_len: int, *, training: bool) -> float:

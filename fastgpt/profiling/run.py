@@ -25,19 +25,20 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import flops, ops
-from .config import gpt2_config, validate_config
-from .generation import generate_stream
-from .kv_cache import KVCache
-from .model import GPTModel
+from .. import ops
+from ..config import gpt2_config, validate_config
+from ..generation import generate_stream
+from ..kv_cache import KVCache
+from ..model import GPTModel
+from . import flops
 from .op_table import OpTable, build_op_table
 from .stats import parameter_count
 
@@ -49,6 +50,45 @@ LEARNING_RATE = 1e-4
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_device(name) -> torch.device:
+    """The device ``name`` names (None: ``default_device()``), or a ValueError saying why it cannot run a model."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "meta":
+        raise ValueError("device 'meta' holds shapes but no data, so it cannot run a model; use cpu, cuda or mps")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"fastgpt runs on cpu, cuda or mps, not {device.type!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but torch.backends.mps.is_available() is False")
+    return device
+
+
+def check_writable(path, what: str) -> None:
+    """Raise ValueError unless a file can be written at ``path``: checked before the work, not after it."""
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write the {what} to {path}: it is a folder; give a file name")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"cannot write the {what} to {path}: its folder does not exist")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write the {what} to {path}: {err.strerror or err}") from None
+    if not existed:
+        os.unlink(path)
 
 
 def default_dtype(device: torch.device) -> str:
@@ -173,7 +213,7 @@ class ProfileResult:
         }
 
     def format(self) -> str:
-        from .profile_format import format_result
+        from .report_text import format_result
 
         return format_result(self)
 
@@ -198,31 +238,9 @@ class Comparison:
         return {"latency": self.speedup(self.eager.median_ms, self.triton.median_ms), "op_groups": groups}
 
     def format(self) -> str:
-        from .profile_format import format_comparison
+        from .report_text import format_comparison
 
         return format_comparison(self)
-
-
-def report_json(results: list[ProfileResult], comparison: Optional[Comparison] = None) -> dict:
-    """The machine-readable report ``fastgpt profile --json`` writes."""
-    from . import __version__
-
-    return {
-        "tool": "fastgpt profile", "fastgpt_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__, "triton_version": _triton_version(),
-        "python_version": platform.python_version(),
-        "runs": [r.to_dict() for r in results],
-        "speedup_eager_over_triton": comparison.to_dict() if comparison else None,
-    }
-
-
-def _triton_version() -> Optional[str]:
-    try:
-        import triton
-    except Exception:  # not installed, or broken: the report still works
-        return None
-    return triton.__version__
 
 
 # ---------------------------------------------------------------- measuring
@@ -373,11 +391,11 @@ class _Workload:
             self.model(self.idx, kv_cache=cache, last_logits_only=True)
 
 
-def _check_options(mode, cfg, batch, seq_len, new_tokens, dtype, device, warmup, iters, peak_tflops, trace):
+def _check_options(mode, cfg, batch, seq_len, new_tokens, dtype, warmup, iters, seed, peak_tflops, trace):
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
     context = cfg["context_length"]
     if not 1 <= seq_len <= context:
         raise ValueError(f"seq_len must be in [1, {context}] (the context length), got {seq_len}")
@@ -394,23 +412,26 @@ def _check_options(mode, cfg, batch, seq_len, new_tokens, dtype, device, warmup,
         raise ValueError(f"new_tokens applies to mode 'generate' only, not {mode!r}")
     if peak_tflops is not None and not peak_tflops > 0:
         raise ValueError(f"peak_tflops must be > 0, got {peak_tflops}")
-    if trace is not None and not Path(trace).resolve().parent.is_dir():
-        raise ValueError(f"cannot write the trace to {trace}: its folder does not exist")
+    if trace is not None:
+        check_writable(trace, "trace")
 
 
 def profile(size: str = "gpt2-small", batch: int = 1, seq_len: Optional[int] = None, dtype: Optional[str] = None,
-            backend: str = "auto", device: Optional[str] = None, mode: str = "forward",
+            backend: Optional[str] = None, device: Optional[str] = None, mode: str = "forward",
             new_tokens: Optional[int] = None, warmup: int = 2, iters: Optional[int] = None, seed: int = 123,
             peak_tflops: Optional[float] = None, trace: Optional[str] = None, log=None,
             profile_ops: bool = True, config: Optional[dict] = None) -> ProfileResult:
     """Measure one mode of a random GPT-2 of the given size; see the module docstring.
 
-    ``config``: a GPTModel config dict to use instead of the preset ``size``
-    (its ``drop_rate`` applies to train steps).
+    ``backend``: ``auto``, ``triton`` or ``eager`` for this run; None keeps the
+    choice in force (``set_backend``, ``FASTGPT_BACKEND``). ``config``: a
+    GPTModel config dict to use instead of the preset ``size`` (its
+    ``drop_rate`` applies to train steps). The caller's torch random state and
+    ``ops.dispatch_counts`` are left as they were.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    dev = torch.device(device) if device else default_device()
+    dev = resolve_device(device)
     dtype = dtype or default_dtype(dev)
     if config is not None:
         validate_config(config)
@@ -421,30 +442,32 @@ def profile(size: str = "gpt2-small", batch: int = 1, seq_len: Optional[int] = N
     iters = default_iters(mode) if iters is None else iters
     if mode == "generate" and new_tokens is None:
         new_tokens = min(default_new_tokens(dev), preset["context_length"] - seq_len + 1)
-    _check_options(mode, preset, batch, seq_len, new_tokens, dtype, dev, warmup, iters, peak_tflops, trace)
-    ops._check_backend(backend)
+    _check_options(mode, preset, batch, seq_len, new_tokens, dtype, warmup, iters, seed, peak_tflops, trace)
+    if backend is not None:
+        ops._check_backend(backend)
     log = log or (lambda message: None)
 
     cfg = {**preset, "drop_rate": preset["drop_rate"] if mode == "train-step" else 0.0}
-    log(f"building {size} on {dev} ({dtype}) ...")
-    torch.manual_seed(seed)
-    with torch.device(dev):
-        model = GPTModel(cfg)
-    model = model.to(DTYPES[dtype])
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    idx = torch.randint(0, cfg["vocab_size"], (batch, seq_len), generator=generator).to(dev)
-    work = _Workload(mode, model, idx, new_tokens, dev)
-    memory = _PeakMemory(dev)
     noun = {"forward": "pass", "train-step": "step", "generate": "generate call"}[mode]
+    with _caller_state_kept(), (ops.use_backend(backend) if backend else contextlib.nullcontext()):
+        backend = ops.backend_spec()
+        log(f"building {size} on {dev} ({dtype}) ...")
+        torch.manual_seed(seed)
+        with torch.device(dev):
+            model = GPTModel(cfg)
+        model = model.to(DTYPES[dtype])
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        idx = torch.randint(0, cfg["vocab_size"], (batch, seq_len), generator=generator).to(dev)
+        work = _Workload(mode, model, idx, new_tokens, dev)
+        memory = _PeakMemory(dev)
 
-    with ops.use_backend(backend):
         for i in range(warmup):
             log(f"warm-up {i + 1}/{warmup}")
             work.step()
         _synchronize(dev)
         memory.start()
         ops.reset_dispatch_counts()
-        latencies, first_token, decode_rates = [], [], []
+        latencies, first_token, decode_rates, prefill_ms = [], [], [], []
         for i in range(iters):
             if mode == "generate":
                 ttft, total = work.step()
@@ -453,16 +476,18 @@ def profile(size: str = "gpt2-small", batch: int = 1, seq_len: Optional[int] = N
                 if new_tokens > 1:
                     decode_rates.append(batch * (new_tokens - 1) / ((total - ttft) / 1000))
                 log(f"{noun} {i + 1}/{iters}: first token {ttft:.2f} ms, {new_tokens} tokens in {total:.2f} ms")
+                # Prefill timed right after each call, so both see the same machine load;
+                # its dispatches are not a generate call's.
+                calls = Counter(ops.dispatch_counts)
+                prefill_ms.append(_time_ms(work.prefill, dev))
+                ops.dispatch_counts.clear()
+                ops.dispatch_counts.update(calls)
+                log(f"prefill {i + 1}/{iters}: {prefill_ms[-1]:.2f} ms")
             else:
                 latencies.append(_time_ms(work.step, dev))
                 log(f"{noun} {i + 1}/{iters}: {latencies[-1]:.2f} ms")
         paths = {op: {path: count / iters for path, count in sorted(by_path.items())}
                  for op, by_path in _paths_by_op(ops.dispatch_counts).items()}
-        prefill_ms = []
-        if mode == "generate":
-            for i in range(iters):
-                prefill_ms.append(_time_ms(work.prefill, dev))
-                log(f"prefill {i + 1}/{iters}: {prefill_ms[-1]:.2f} ms")
         peak = memory.stop()
         table = None
         if profile_ops or trace:
@@ -490,6 +515,18 @@ def profile(size: str = "gpt2-small", batch: int = 1, seq_len: Optional[int] = N
     if mode == "train-step" and cfg["drop_rate"] > 0:
         result.notes.append(f"train steps use the preset's dropout ({cfg['drop_rate']}) and AdamW (lr {LEARNING_RATE})")
     return result
+
+
+@contextlib.contextmanager
+def _caller_state_kept():
+    """Put back the caller's torch random state (CPU and CUDA) and dispatch counts when the profile ends."""
+    saved = Counter(ops.dispatch_counts)
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            yield
+    finally:
+        ops.dispatch_counts.clear()
+        ops.dispatch_counts.update(saved)
 
 
 def _paths_by_op(counts) -> dict[str, dict[str, int]]:
@@ -522,6 +559,8 @@ def _profile_ops(work: _Workload, device: torch.device, passes: int, mode: str, 
     if trace:
         log(f"writing the trace to {trace}")
         prof.export_chrome_trace(trace)
+        if not os.path.isfile(trace):  # torch.profiler does not say when it fails
+            raise RuntimeError(f"torch.profiler did not write the trace to {trace}")
     return build_op_table(prof.events(), passes, device_time=device.type == "cuda")
 
 
@@ -538,11 +577,10 @@ def triton_side(device: torch.device) -> str:
 
 def compare(log=None, **options) -> Comparison:
     """``profile`` with the eager backend, then with Triton (``triton_side``), on the same weights and inputs."""
-    if options.get("backend", "auto") != "auto":
+    if options.pop("backend", None) not in (None, "auto"):
         raise ValueError("compare runs the eager and Triton backends itself; do not pass a backend")
-    options.pop("backend", None)
     log = log or (lambda message: None)
-    device = torch.device(options["device"]) if options.get("device") else default_device()
+    device = resolve_device(options.get("device"))
     other = triton_side(device)
     trace = options.pop("trace", None)
     results = []

@@ -1,0 +1,70 @@
+"""What every kernel launcher needs besides the kernel: the device, fp32 dot precision, dropout seeds.
+
+* **Device.** Triton launches on the *current* CUDA device and its current
+  stream, not on the tensors' device. ``on_device(x)`` makes x's device current
+  for the launch (and so orders the kernel on that device's current stream);
+  ``same_device(...)`` refuses inputs spread over devices with a clear error.
+* **fp32 dots.** ``tl.dot`` on float32 operands defaults to TF32, which
+  truncates the operands to 10 mantissa bits (about 1e-3 relative error). We
+  follow PyTorch's own switch instead: full precision (``"tf32x3"``: three TF32
+  products, error near float32's, on the tensor cores) unless the user allowed
+  TF32 (``torch.backends.cuda.matmul.allow_tf32 = True`` or
+  ``torch.set_float32_matmul_precision("high"|"medium")``).
+* **Dropout seeds.** A seed drawn on the host per call is frozen into a
+  captured CUDA graph (every replay would reuse one mask), and as a plain
+  integer argument Triton would specialise on it. So the seed lives in a
+  one-element int64 tensor on the tensors' device, drawn from torch's generator
+  for that device (CUDA-graph-capture safe), and kernels ``tl.load`` it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# Largest seed drawn: Triton's Philox takes the seed's low and high 32 bits.
+_SEED_HIGH = 2**62
+
+
+def on_device(t: torch.Tensor):
+    """Context manager making ``t``'s CUDA device current (a no-op for CPU tensors, the interpreter's)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def device_mismatch(**tensors: torch.Tensor | None) -> str | None:
+    """None when every given tensor is on one device, else a sentence naming where each is."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) <= 1:
+        return None
+    where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+    return f"inputs on different devices ({where}); move them to one device"
+
+
+def same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    """Raise ValueError naming each tensor's device unless they share one."""
+    problem = device_mismatch(**tensors)
+    if problem is not None:
+        raise ValueError(f"{op}: {problem}")
+
+
+def fp32_dot_precision() -> str:
+    """``input_precision`` for tl.dot on float32 operands: "tf32" if the user allowed TF32, else "tf32x3"."""
+    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "tf32x3"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``input_precision`` constexpr for dots on ``dtype`` operands (only float32 has a choice)."""
+    return fp32_dot_precision() if dtype == torch.float32 else "tf32"
+
+
+def dropout_seed(device: torch.device) -> torch.Tensor:
+    """A fresh dropout seed: a one-element int64 tensor on ``device``, from torch's generator for it.
+
+    ``torch.manual_seed`` makes it repeatable; under CUDA-graph capture torch's
+    CUDA generator hands each replay a new value.
+    """
+    return torch.randint(0, _SEED_HIGH, (1,), device=device, dtype=torch.int64)

@@ -1,0 +1,139 @@
+"""The dropout keep-mask of the attention and LayerNorm kernels (kernels/dropout.py).
+
+The mask is a documented pure function of (seed, stream, row, column): one
+Philox4x32-10 call per 16 columns of a row, one byte per decision. A NumPy
+Philox written from the algorithm's definition checks the kernels bit for bit;
+statistics check the keep rate and that neighbouring rows, columns (inside and
+across a 16-column group), heads and seeds are uncorrelated.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastgpt.kernels.attention as attention_kernels
+import fastgpt.kernels.layer_norm as layer_norm_kernels
+from fastgpt import ops
+from fastgpt.kernels.dropout import quantize
+from helpers import kernel_device
+
+DEVICE = kernel_device()
+SEED = 0x1234_5678_9ABC  # wider than 32 bits: both key words matter
+
+pytestmark = [pytest.mark.usefixtures("forced_triton"), pytest.mark.kernels]
+
+
+def philox4x32_10(counters: np.ndarray, seed: int) -> np.ndarray:
+    """Philox4x32 with 10 rounds (Salmon et al., SC'11) on uint32 counters (..., 4) -> (..., 4)."""
+    mask = np.uint64(0xFFFFFFFF)
+    c = [counters[..., i].astype(np.uint64) for i in range(4)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c[0]
+        p2 = np.uint64(0xCD9E8D57) * c[2]
+        c = [(p2 >> np.uint64(32)) ^ c[1] ^ k0, p2 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return np.stack(c, axis=-1).astype(np.uint32)
+
+
+def reference_mask(seed: int, stream: int, rows: int, cols: int, p: float) -> np.ndarray:
+    """The documented keep-mask: byte j mod 16 of Philox(counter = (j // 16, i, stream, 0)) >= round(256 p)."""
+    threshold, _ = quantize(p)
+    groups = -(-cols // 16)
+    i, g = np.meshgrid(np.arange(rows), np.arange(groups), indexing="ij")
+    counters = np.stack([g, i, np.full_like(i, stream), np.zeros_like(i)], axis=-1).astype(np.uint32)
+    words = philox4x32_10(counters, seed)                                  # (rows, groups, 4)
+    as_bytes = words[..., :, None] >> (np.arange(4, dtype=np.uint32) * 8)  # (rows, groups, word, byte)
+    decisions = (as_bytes & 0xFF) >= threshold
+    return decisions.reshape(rows, groups * 16)[:, :cols]
+
+
+@pytest.fixture
+def fixed_seed(monkeypatch):
+    """Every dropout call draws SEED (the kernels otherwise draw from torch's generator)."""
+    def draw(device):
+        return torch.tensor([SEED], dtype=torch.int64, device=device)
+    monkeypatch.setattr(layer_norm_kernels, "dropout_seed", draw)
+    monkeypatch.setattr(attention_kernels, "dropout_seed", draw)
+
+
+def layer_norm_mask(rows: int, cols: int, p: float) -> np.ndarray:
+    """The dropout+add+LayerNorm kernel's mask: with x = 0 and branch = 1, h = keep / (1 − p_q)."""
+    zeros = torch.zeros(rows, cols, device=DEVICE)
+    ones = torch.ones(rows, cols, device=DEVICE)
+    h, _ = ops.dropout_add_layer_norm(zeros, ones, torch.ones(cols, device=DEVICE),
+                                      torch.zeros(cols, device=DEVICE), 1e-5, p)
+    kept = h.cpu().numpy()
+    assert np.all((kept == 0) | np.isclose(kept, quantize(p)[1], rtol=1e-6)), "kept values scaled by 1/(1-p_q)"
+    return kept != 0
+
+
+def attention_mask(heads: int, t: int, p: float) -> np.ndarray:
+    """The attention kernel's mask (b = 1): with q = k = 0 the causal weights are 1/(i+1), and
+    v = the identity's columns makes the output P ∘ Z / (1 − p_q) itself."""
+    d = 64
+    assert t <= d
+    zeros = torch.zeros(1, heads, t, d, device=DEVICE)
+    eye = torch.eye(t, d, device=DEVICE).expand(1, heads, t, d)
+    out = ops.causal_attention(zeros, zeros, eye, dropout_p=p)
+    return (out[0, :, :, :t] != 0).cpu().numpy()
+
+
+def test_layer_norm_mask_is_the_documented_philox_function(fixed_seed):
+    p = 0.3
+    got = layer_norm_mask(7, 200, p)  # 200 columns: 12 whole groups and a ragged one
+    assert np.array_equal(got, reference_mask(SEED, 0, 7, 200, p))
+    assert ops.dispatch_counts[("dropout_add_layer_norm", "triton")] == 1
+
+
+def test_attention_mask_is_the_documented_philox_function_of_each_head(fixed_seed):
+    p, heads, t = 0.2, 3, 40
+    got = attention_mask(heads, t, p)
+    causal = np.tril(np.ones((t, t), dtype=bool))
+    for head in range(heads):
+        want = reference_mask(SEED, head, t, t, p) & causal  # stream = batch·heads index
+        assert np.array_equal(got[head], want), f"head {head}"
+    assert ops.dispatch_counts[("causal_attention", "triton")] == 1
+
+
+def test_p_is_rounded_to_a_multiple_of_1_over_256_and_the_scale_stays_unbiased():
+    assert quantize(0.0) == (0, 1.0)
+    assert quantize(0.1) == (26, 1 / (1 - 26 / 256))
+    assert quantize(0.5) == (128, 2.0)
+    assert quantize(0.999)[0] == 255  # never drops everything
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def test_keep_rate_and_independence_across_rows_columns_and_seeds():
+    p, rows, cols = 0.25, 256, 512
+    torch.manual_seed(0)
+    first = layer_norm_mask(rows, cols, p)
+    second = layer_norm_mask(rows, cols, p)  # the next call draws the next seed
+    assert abs(first.mean() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / first.size)
+    # |correlation| of n pairs of independent bits stays below 5/sqrt(n) (5 sigma).
+    pairs = {
+        "next column, same group": (first[:, 0::16], first[:, 1::16]),
+        "next column, next group": (first[:, 15:-1:16], first[:, 16::16]),
+        "byte 3 and byte 4 (next word)": (first[:, 3::16], first[:, 4::16]),
+        "next row": (first[:-1], first[1:]),
+        "next seed": (first, second),
+    }
+    for name, (a, b) in pairs.items():
+        assert abs(_correlation(a, b)) < 5 / math.sqrt(a.size), name
+
+
+def test_heads_draw_independent_masks():
+    p, heads, t = 0.5, 8, 64
+    torch.manual_seed(1)
+    masks = attention_mask(heads, t, p)
+    causal = np.tril(np.ones((t, t), dtype=bool))
+    kept = masks[:, causal]  # (heads, causal elements)
+    assert abs(kept.mean() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / kept.size)
+    for head in range(heads - 1):
+        assert abs(_correlation(kept[head], kept[head + 1])) < 5 / math.sqrt(kept.shape[1]), head
