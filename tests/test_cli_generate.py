@@ -15,14 +15,17 @@ from fastgpt import cli
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny model with GPT-2's vocabulary, saved as a Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
+def _tiny_checkpoint(folder, emb_dim: int):
+    """A tiny model with GPT-2's vocabulary (2 heads of emb_dim / 2), saved as a Hugging Face folder."""
     torch.manual_seed(0)
-    fastgpt.GPTModel({"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
+    fastgpt.GPTModel({"vocab_size": 50257, "context_length": 32, "emb_dim": emb_dim, "n_heads": 2, "n_layers": 2,
                       "drop_rate": 0.0, "qkv_bias": True}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _tiny_checkpoint(tmp_path_factory.mktemp("tiny-gpt2"), emb_dim=32)
 
 
 def expected_text(checkpoint, prompt, new_tokens, **sampling):
@@ -162,3 +165,26 @@ def test_a_bad_checkpoint_is_reported_without_a_traceback(checkpoint, tmp_path):
     assert result.returncode == 2
     assert "model.safetensors: tensor" in result.stderr and "the file is truncated" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def kernel_checkpoint(tmp_path_factory):
+    """Like ``checkpoint``, with a head size the attention kernels take (32)."""
+    return _tiny_checkpoint(tmp_path_factory.mktemp("tiny-gpt2-d32"), emb_dim=64)
+
+
+@pytest.mark.kernels
+def test_generate_with_forced_triton_takes_prompts_of_any_length(kernel_checkpoint, tmp_path):
+    checkpoint = kernel_checkpoint
+    # Under the interpreter (a CPU machine's Triton): a 22-token prompt (past the decode
+    # kernel's 16 queries: the attention forward prefills it), decoding, then past the
+    # 32-token context (each window re-prefilled). The text equals eager's.
+    prompt = "Every effort moves you, and every step you take is a step toward the end of it all"
+    assert len(fastgpt.text_to_token_ids(prompt, fastgpt.get_tokenizer())[0]) > 16
+    result = subprocess.run([sys.executable, "-m", "fastgpt", "generate", prompt, "--checkpoint", str(checkpoint),
+                             "--max-new-tokens", "14", "--backend", "triton"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=600,
+                            env={**os.environ, "FASTGPT_BACKEND": "", "TRITON_INTERPRET": "1",
+                                 "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text(checkpoint, prompt, 14) + "\n"
