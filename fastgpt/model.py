@@ -10,6 +10,8 @@ dropout on embeddings, attention weights and both residual branches.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional
 
 import torch
@@ -62,6 +64,20 @@ class FeedForward(nn.Module):
         return project(ops.linear_gelu(x, expand.weight, expand.bias))
 
 
+# Set by masks_omitted(): state_dict() then leaves the att.mask entries out instead of building them.
+_omit_masks = contextvars.ContextVar("fastgpt_omit_masks", default=False)
+
+
+@contextlib.contextmanager
+def masks_omitted():
+    """``state_dict()`` without the seed's ``att.mask`` entries, never built (savers that drop them anyway)."""
+    token = _omit_masks.set(True)
+    try:
+        yield
+    finally:
+        _omit_masks.reset(token)
+
+
 def causal_mask(context_length: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """The seed's mask buffer: 1 above the diagonal (positions a query may not see)."""
     return torch.triu(torch.ones(context_length, context_length, dtype=dtype, device=device), diagonal=1)
@@ -108,7 +124,8 @@ class MultiHeadAttention(nn.Module):
         # Where the seed's persistent buffer would be saved: before the child
         # modules' keys, so state_dict() lists the keys in the seed's order.
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "mask"] = self.mask
+        if not _omit_masks.get():
+            destination[prefix + "mask"] = self.mask
 
     def _projections_fused(self) -> bool:
         """True while W_query, W_key and W_value are this module's own, unwrapped parts of ``qkv``."""
@@ -192,6 +209,9 @@ def check_token_ids(in_idx, vocab_size: int, context_length: int, device: torch.
         raise TypeError(f"token ids must be a torch.Tensor of shape (batch, seq_len), got {type(in_idx).__name__}")
     if in_idx.dtype.is_floating_point or in_idx.dtype.is_complex or in_idx.dtype == torch.bool:
         raise TypeError(f"token ids must be an integer tensor (torch.long), got dtype {in_idx.dtype}")
+    if in_idx.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
+        raise TypeError(f"token ids must be torch.long (or torch.int32), got dtype {in_idx.dtype}; "
+                        "convert them with idx.long()")
     if in_idx.dim() != 2:
         hint = "; add a batch dimension with in_idx.unsqueeze(0)" if in_idx.dim() == 1 else ""
         raise ValueError(f"token ids must have shape (batch, seq_len), got shape {tuple(in_idx.shape)}{hint}")

@@ -423,6 +423,9 @@ CASES = [
     *(raises(f"generating from {dtype} ids", lambda dtype=dtype: generate(model(), ids.to(dtype), 2, CTX), TypeError,
              f"got dtype {dtype}; convert it with idx.long()")
       for dtype in (torch.int8, torch.int16, torch.uint8, torch.uint16, torch.uint32, torch.uint64)),
+    *(raises(f"a forward pass on {dtype} ids", lambda dtype=dtype: model()(ids.to(dtype)), TypeError,
+             f"got dtype {dtype}; convert them with idx.long()")
+      for dtype in (torch.int8, torch.int16, torch.uint8, torch.uint16, torch.uint32, torch.uint64)),
     # The limit of softmax(logits / T): all probability on the largest logit.
     returns("temperature 1e-45 takes the most likely token",
             lambda: generate(eos_model(TINY), ids, 3, CTX, temperature=1e-45, generator=torch.Generator()),

@@ -505,3 +505,19 @@ def test_saved_files_respect_the_umask(tmp_path, umask, mode):
         os.umask(previous)
     assert {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("config.json", "model.safetensors")} == \
         {"config.json": mode, "model.safetensors": mode}
+
+
+def test_save_pretrained_never_builds_the_seeds_mask(tmp_path, monkeypatch):
+    # The context × context att.mask is left out of the files: saving must not build it at all
+    # (at context 8192 each layer's would be 256 MiB).
+    import fastgpt.model as model_module
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("save_pretrained built an att.mask")
+    model = fastgpt.GPTModel(dict(TINY))
+    monkeypatch.setattr(model_module, "causal_mask", no_mask)
+    model.save_pretrained(tmp_path / "saved")
+    with pytest.raises(AssertionError, match="built an att.mask"):
+        model.state_dict()  # the seed's state dict still carries it
+    monkeypatch.undo()
+    assert "trf_blocks.0.att.mask" in model.state_dict()

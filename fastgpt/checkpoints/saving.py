@@ -70,24 +70,15 @@ def _layer_norm_eps(model: torch.nn.Module) -> float:
 
 
 def _state_dict_without_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` less the ``att.mask`` entries, each dropped as soon as it is made.
+    """``model.state_dict()`` without the ``att.mask`` entries, which are never built.
 
-    The mask is the seed's context×context buffer, built for state_dict() on
-    demand: at context 8192 each is 256 MiB, so all layers' at once would
-    dwarf a small model. A hook drops each right after its layer is saved.
+    The mask is the seed's context×context buffer, made for state_dict() on demand:
+    at context 8192 each is 256 MiB, for a file that stores none of them.
     """
-    from ..model import MultiHeadAttention
+    from ..model import masks_omitted
 
-    def drop_mask(module, state_dict, prefix, local_metadata):
-        state_dict.pop(prefix + "mask", None)
-
-    handles = [module.register_state_dict_post_hook(drop_mask) for module in model.modules()
-               if isinstance(module, MultiHeadAttention)]
-    try:
+    with masks_omitted():
         return model.state_dict()
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _write_atomically(target: Path, write: Callable[[Path], object]) -> None:
