@@ -356,7 +356,8 @@ def _candidates(kind, head_dim, dtype, dropout, device):
     listed = configs(kind, arch_family(device), head_dim, dtype == torch.float32, dropout)
     if device.type != "cuda":
         return listed
-    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", None) or props.shared_memory_per_block
     itemsize = torch.empty((), dtype=dtype).element_size()
     return [c for c in listed if c.shared_bytes(head_dim, itemsize) <= limit] or listed[-1:]
 
@@ -428,8 +429,11 @@ def _uses_tma(q, k, v, o) -> bool:
         return True
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
-    # TMA needs 16-byte aligned bases and row strides (the model's layouts always are).
-    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+    # TMA needs 16-byte aligned bases and strides (the model's layouts always are), and real
+    # strides: a broadcast (expanded, stride 0) dimension goes through pointers.
+    return all(t.data_ptr() % 16 == 0
+               and all(s * t.element_size() % 16 == 0 and (s > 0 or n == 1)
+                       for s, n in zip(t.stride()[:-1], t.shape[:-1]))
                for t in (q, k, v, o))
 
 

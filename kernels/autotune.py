@@ -88,6 +88,11 @@ def _device_name_and_sms(device: torch.device) -> tuple[str, int]:
     return device.type, 1
 
 
+def _is_sticky_cuda_error(error: Exception) -> bool:
+    text = str(error)
+    return "illegal memory access" in text or "misaligned address" in text or "unspecified launch failure" in text
+
+
 def _bench(fn) -> float:
     """Median milliseconds of fn() on the current stream (tests replace this)."""
     import triton.testing
@@ -130,8 +135,17 @@ class Tuner:
         if cached is not None and cached in candidates:
             return cached
         if _capturing_or_tracing():
-            return candidates[0]
+            return self._fallback(key, candidates)
         return self._tune(key, candidates, launch)
+
+    def _fallback(self, key: str, candidates: list) -> Config:
+        """Without timing: a config already tuned for this kernel, head size and dtype at another
+        sequence length or grid (compiled already, so nothing compiles inside a capture), else the first."""
+        family = key.split("|T=")[0]
+        for other, config in self.table.items():
+            if other.startswith(family + "|T=") and config in candidates:
+                return config
+        return candidates[0]
 
     def _tune(self, key, candidates, launch) -> Config:
         started = time.perf_counter()
@@ -141,6 +155,8 @@ class Tuner:
             try:
                 record.timings_ms[repr(config)] = _bench(lambda: launch(config))
             except Exception as error:  # e.g. out of resources on this device
+                if _is_sticky_cuda_error(error):
+                    raise  # the context is broken: later "failures" would only hide this one
                 last_error = error
                 record.failures[repr(config)] = f"{type(error).__name__}: {error}"
                 warnings.warn(f"fastgpt: tuning {key}: config {config!r} failed and is skipped "
@@ -179,8 +195,12 @@ class Tuner:
         path = os.environ.get(TUNE_CACHE_ENV)
         if not path:
             return
+        # Another process may have saved choices since this one read the file: keep them.
+        self._loaded_from = None
+        self._load_file_once()
         data = {"format": _CACHE_FORMAT, "configs": {key: asdict(c) for key, c in sorted(self.table.items())}}
         folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
         # Write then rename: a crash mid-write never leaves a half file behind.
         with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp", encoding="utf-8") as f:
             json.dump(data, f, indent=1)

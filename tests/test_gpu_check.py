@@ -91,3 +91,13 @@ def test_the_check_refuses_a_folder_with_other_files_and_a_machine_without_cuda(
     with pytest.raises(SystemExit):
         gpu_check.main([str(tmp_path), "--steps", "env,nope"])
     assert "unknown steps ['nope']" in capsys.readouterr().err
+
+
+def test_a_test_run_stopped_before_its_junit_file_is_counted_from_its_log(gpu_check, tmp_path):
+    (tmp_path / "tests.txt").write_text(
+        "[gw0] [ 10%] PASSED tests/test_a.py::test_one\n[gw1] [ 20%] FAILED tests/test_a.py::test_two\n"
+        "[gw0] [ 30%] SKIPPED tests/test_a.py::test_three\ntests/test_b.py::test_four PASSED [ 40%]\n"
+        "\n[gpu_check] stopped after its 150 s limit\n")
+    assert gpu_check.log_counts(tmp_path) == {"passed": 2, "failed": 1, "error": 0, "skipped": 1}
+    gpu_check.write_summary(tmp_path, dry=True, timings={"tests": "exit 124"})
+    assert "stopped before junit.xml; from tests.txt): 2 passed, 1 failed" in (tmp_path / "summary.md").read_text()

@@ -178,6 +178,12 @@ def test_no_tuning_while_capturing_or_tracing(tuning, monkeypatch):
     assert timed == [] and tuner.table == {}  # nothing timed, nothing cached
     monkeypatch.setattr(autotune, "_capturing_or_tracing", lambda: False)
     assert tuner.choose("fwd", "key", [A, B], launch, C) == B
+    # Captured later at another length or grid: the config tuned for this kernel already
+    # (compiled: nothing compiles inside a capture), not the untimed first candidate.
+    tuner.table = {"fwd|d=64|bfloat16|T=1024|fill=2^0|gpu": B}
+    monkeypatch.setattr(autotune, "_capturing_or_tracing", lambda: True)
+    assert tuner.choose("fwd", "fwd|d=64|bfloat16|T=4096|fill=2^2|gpu", [A, B], launch, C) == B
+    assert tuner.choose("fwd", "fwd|d=32|bfloat16|T=4096|fill=2^2|gpu", [A, B], launch, C) == A
 
 
 def test_a_failing_candidate_is_reported_and_skipped_and_all_failing_raises(tuning):
@@ -187,9 +193,16 @@ def test_a_failing_candidate_is_reported_and_skipped_and_all_failing_raises(tuni
     with pytest.warns(RuntimeWarning, match=r"config BLOCK_M=128 BLOCK_N=64 .* failed .*out of resource"):
         assert tuner.choose("fwd", "key", [A, B], launch, C) == A
     assert "out of resource" in tuner.records[0].failures[repr(B)]
-    times[A] = RuntimeError("illegal memory access")
+    times[A] = RuntimeError("out of resource: registers")
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="every candidate config failed"):
         Tuner().choose("fwd", "other key", [A, B], launch, C)
+
+
+def test_a_broken_cuda_context_is_raised_not_skipped(tuning):
+    times, _ = tuning
+    times[A] = RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        Tuner().choose("fwd", "key", [A, B], launch, C)
 
 
 def test_forced_and_pinned_configs_come_first(tuning, monkeypatch):
@@ -202,7 +215,7 @@ def test_forced_and_pinned_configs_come_first(tuning, monkeypatch):
 
 def test_the_tune_cache_file_is_written_and_read_back(tuning, tmp_path, monkeypatch):
     _, timed = tuning
-    path = tmp_path / "tune.json"
+    path = tmp_path / "not yet" / "tune.json"  # the folder is made when the first choice is saved
     monkeypatch.setenv(autotune.TUNE_CACHE_ENV, str(path))
     Tuner().choose("fwd", "key", [A, B], launch, C)
     saved = json.loads(path.read_text())
@@ -212,6 +225,11 @@ def test_the_tune_cache_file_is_written_and_read_back(tuning, tmp_path, monkeypa
     assert timed == []
     # A cached choice that is no longer a candidate is tuned afresh.
     assert Tuner().choose("fwd", "key", [A, C], launch, C) == A
+    # Two processes saving: neither loses the other's choices.
+    first, second = Tuner(), Tuner()
+    first.choose("fwd", "first key", [A, B], launch, C)
+    second.choose("fwd", "second key", [A, B], launch, C)
+    assert {"key", "first key", "second key"} <= set(json.loads(path.read_text())["configs"])
     path.write_text("{not json")
     with pytest.raises(ValueError, match=f"{autotune.TUNE_CACHE_ENV}=.*not a fastgpt tune cache"):
         Tuner().choose("fwd", "key", [A, B], launch, C)
