@@ -283,18 +283,7 @@ def bench_attention(out, timer, dry, device, deadline):
                 record = {"kind": "attention", "impl": impl, "mode": mode, "B": b, "H": h, "T": t, "d": d,
                           "dtype": str(dtype).removeprefix("torch."), "dropout": p}
                 try:
-                    if mode == "fwd":
-                        def run():
-                            with torch.no_grad():
-                                return attn(q, k, v)
-                    elif mode == "bwd":
-                        saved = attn(q, k, v)
-
-                        def run(saved=saved):
-                            return torch.autograd.grad(saved, (q, k, v), do, retain_graph=True)
-                    else:
-                        def run():
-                            return torch.autograd.grad(attn(q, k, v), (q, k, v), do)
+                    run = peers.attention_step(attn, q, k, v, do, mode)
                 except Exception as error:
                     record["error"] = f"{type(error).__name__}: {str(error)[:300]}"
                     emit(out, record)

@@ -54,6 +54,25 @@ def attention(impl: str, dropout_p: float = 0.0):
     return run
 
 
+def attention_step(attention, q, k, v, do, mode: str):
+    """A zero-argument callable timing one ``mode`` of ``attention``: "fwd" (no autograd), "bwd" (the
+    backward alone, of one saved forward) or "fwd+bwd". Building it runs the saved forward for "bwd"."""
+    import torch
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return attention(q, k, v)
+    elif mode == "bwd":
+        saved = attention(q, k, v)
+
+        def step():
+            return torch.autograd.grad(saved, (q, k, v), do, retain_graph=True)
+    else:
+        def step():
+            return torch.autograd.grad(attention(q, k, v), (q, k, v), do)
+    return step
+
+
 def attention_flops(b: int, h: int, t: int, d: int, mode: str) -> float:
     return 4 * b * h * t * t * d * 0.5 * FLOP_FACTORS[mode]
 

@@ -64,19 +64,7 @@ def test_attention(benchmark, impl, shape, dropout_p, mode):
     do = torch.randn(b, h, t, HEAD_DIM, device=DEVICE, dtype=DTYPE)
     attention = _attention(impl, dropout_p)
     try:
-        if mode == "fwd":
-            def step():
-                with torch.no_grad():
-                    return attention(q, k, v)
-        elif mode == "bwd":
-            out = attention(q, k, v)
-
-            def step():
-                return torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
-        else:
-            def step():
-                return torch.autograd.grad(attention(q, k, v), (q, k, v), do)
-        run = synchronized(step, DEVICE)
+        run = synchronized(peers.attention_step(attention, q, k, v, do, mode), DEVICE)
         run()
     except RuntimeError as error:
         if not impl.startswith("sdpa-"):
