@@ -154,7 +154,8 @@ def step_env(out: Path, dry: bool, install_note: str) -> None:
             lines.append(f"{package:<11} not importable ({type(error).__name__})")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        lines.append(f"gpu         {props.name} · sm_{props.major}{props.minor} · {props.multi_processor_count} SMs · "
+        lines.append(f"gpu         {props.name} · sm_{props.major}{props.minor} · "
+                     f"{props.multi_processor_count} SMs · "
                      f"{props.total_memory / 2**30:.1f} GiB · {torch.cuda.device_count()} device(s)")
     else:
         lines.append("gpu         none (torch.cuda.is_available() is False): a dry run under the interpreter")
@@ -698,7 +699,8 @@ def main(argv=None) -> int:
     problems = contract_problems(out)
     print()
     print(headline)
-    print(f"\n[gpu_check] {time.monotonic() - started:.0f} s; files: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"\n[gpu_check] {time.monotonic() - started:.0f} s; files: {files}")
     if problems:
         print("[gpu_check] output contract broken: " + "; ".join(problems))
         return 1

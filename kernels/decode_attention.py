@@ -14,9 +14,10 @@ The queries are the last T_q of the S positions, so query i sees keys
 dropout, no backward. More than 16 new tokens (a chunked prefill) go to the
 attention forward kernel, which takes the same bottom-right offset.
 
-K and V are read once each: the kernel is bound by memory bandwidth, and the number of chunks is chosen (``plan``) so that at least
-4 programs share each SM where the cache is long enough, in as whole waves as
-the cache's key blocks allow. Only the real query rows of each partial result
+K and V are read once each: the kernel is bound by memory bandwidth, and the
+number of chunks is chosen (``plan``) so that at least 4 programs share each
+SM where the cache is long enough, in as whole waves as the cache's key
+blocks allow. Only the real query rows of each partial result
 are written (one row per chunk when decoding one token).
 """
 

@@ -52,7 +52,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from fastgpt.kernels.cases import CompileCase, all_cases
-from fastgpt.kernels.sass import programs_per_sm, sass_profile, smallest_wgmma_n
+from fastgpt.kernels.sass import SASS_INSTRUCTION_RE, TENSOR_CORE, programs_per_sm, sass_profile, smallest_wgmma_n
 
 # Largest shared memory one block may use, static + dynamic (CUDA's
 # "max shared memory per block, opt-in"): A100 163 KB, H100/H200 227 KB.
@@ -61,19 +61,12 @@ DEFAULT_ARCHS = (80, 90)
 # A compile that takes longer than this is stuck (real ones take seconds).
 DEFAULT_TIMEOUT_S = 600.0
 
-# Tensor-core opcodes in SASS: HMMA (fp16/bf16/tf32 mma), IMMA (int8), DMMA (fp64),
-# and the sm_90 warpgroup forms HGMMA/IGMMA/QGMMA (fp8).
-TENSOR_CORE_SASS_OPCODES = frozenset({"HMMA", "IMMA", "DMMA", "HGMMA", "IGMMA", "QGMMA"})
 # Tensor-core instructions in PTX. On sm_90 tl.dot becomes wgmma when the tile and
 # warp count allow it and falls back to mma.sync (which also runs on tensor cores).
 TENSOR_CORE_PTX_PATTERNS = {
     "mma.sync": re.compile(r"(?<![\w.])mma\.sync\b"),
     "wgmma.mma_async": re.compile(r"(?<![\w.])wgmma\.mma_async\b"),
 }
-# Any mma-family PTX instruction (mma.*, wmma.*, wgmma.*), not names like "gamma".
-PTX_MMA_FAMILY_RE = re.compile(r"(?<![\w.])w?g?mma\.[a-z]")
-# One SASS instruction line of nvdisasm: "/*0a30*/  @!P0 HMMA.16816.F32 R4, ..."
-SASS_OPCODE_RE = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)")
 RESOURCE_USAGE_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)")
 PTXAS_SPILLS_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 # Enough of a compiler message to act on; a ptxas error would otherwise carry its whole log.
@@ -233,9 +226,10 @@ def _run_tool(name: str, *args: str) -> str:
 
 def count_tensor_core_instructions(ptx: str, sass: str) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for opcode in SASS_OPCODE_RE.findall(sass):
-        if opcode in TENSOR_CORE_SASS_OPCODES:
-            counts[opcode] = counts.get(opcode, 0) + 1
+    for opcode in SASS_INSTRUCTION_RE.findall(sass):
+        base = opcode.split(".", 1)[0]
+        if base in TENSOR_CORE:
+            counts[base] = counts.get(base, 0) + 1
     for name, pattern in TENSOR_CORE_PTX_PATTERNS.items():
         if found := len(pattern.findall(ptx)):
             counts[name] = found

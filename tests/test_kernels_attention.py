@@ -248,7 +248,8 @@ def test_float32_dots_follow_pytorchs_tf32_switch(setting, precision):
     assert dots == {"_attn_fwd_kernel": precision, "_attn_bwd_kernel": precision}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the interpreter multiplies exactly at any setting")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA: the interpreter multiplies exactly at any setting")
 def test_float32_is_full_precision_by_default_and_tf32_only_when_allowed_on_gpu():
     q, k, v = _qkv(2, 3, 300, 64, torch.float32, seed=5)
     ref = _reference(q.double(), k.double(), v.double())
