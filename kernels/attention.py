@@ -27,6 +27,10 @@ accelerator (host-side tensor descriptors, TMA); elsewhere through pointers.
     dV = (P∘Z/(1−p))ᵀ dO    dP = (dO Vᵀ) ∘ Z/(1−p)    dS = P ∘ (dP − Δ)
     dK = σ dSᵀ Q            dQ = σ dS K
 
+With dropout no score is multiplied by 1/(1−p): the forward stores L − log2(1/(1−p)),
+so the recomputed exp2(c·S − L) is P' = P/(1−p) itself, and Δ' = (1−p)Δ, so
+dV = (P'∘Z)ᵀ dO and dS = P' ∘ (Z ∘ (dO Vᵀ) − Δ'): one select per score and per use.
+
 Program j computes dK, dV of key block j (K, V resident, query blocks
 streamed) and then dQ of query block j (Q, dO resident, key blocks streamed):
 the first shrinks and the second grows with j, so every program does about the
@@ -103,7 +107,7 @@ def _load_row_stat(STAT, bh, rows, T, other):
 
 @triton.jit
 def _fwd_step(acc, m_i, l_i, q, k, v, rows, cols, kv_offset, qk_scale, seed, bh, start_n, band, drop_threshold,
-              keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr):
     """One key block of the online softmax: scores, running max and sum, accumulated P V."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)          # raw scores Q Kᵀ
@@ -126,7 +130,7 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE, SEED,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    H, T, S, kv_offset, qk_scale, drop_threshold, keep_scale,
+    H, T, S, kv_offset, qk_scale, drop_threshold, keep_scale, log2_keep_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
@@ -152,48 +156,57 @@ def _attn_fwd_kernel(
         k = _load_tile(K, b, h, start_n, stride_kb, stride_kh, stride_kt, S, BLOCK_N, HEAD_DIM, USE_TMA)
         v = _load_tile(V, b, h, start_n, stride_vb, stride_vh, stride_vt, S, BLOCK_N, HEAD_DIM, USE_TMA)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, rows, cols, kv_offset, qk_scale, seed, bh, start_n, band,
-                                  drop_threshold, keep_scale, BLOCK_M, BLOCK_N, HAS_DROPOUT, DOT_PRECISION)
+                                  drop_threshold, BLOCK_M, BLOCK_N, HAS_DROPOUT, DOT_PRECISION)
 
     out = acc * ((keep_scale if HAS_DROPOUT else 1.0) / l_i)[:, None]
     if USE_TMA:  # the descriptor clips rows ≥ T
         O.store([b, h, start_m, 0], out.to(O.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
     else:
         _store_rows(_head(O, b, h, stride_ob, stride_oh), rows, stride_ot, T, out, HEAD_DIM)
-    tl.store(LSE + bh.to(tl.int64) * T + rows, m_i * qk_scale + tl.math.log2(l_i), mask=rows < T)
+    # With dropout L is stored minus log2(1/(1 − p)): the backward's exp2(c·s − L) is then the kept
+    # weights' value P/(1 − p) itself, and dV, dS need no scaling of their own.
+    lse = m_i * qk_scale + tl.math.log2(l_i)
+    if HAS_DROPOUT:
+        lse -= log2_keep_scale
+    tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=rows < T)
 
 
 # ---------------------------------------------------------------- backward
 
 @triton.jit(do_not_specialize=["T"])
 def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
-                           H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Δ_i = Σ_d dO_id · O_id for one block of rows of one (batch, head)."""
+                           H, T, delta_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Δ'_i = (1 − p) Σ_d dO_id · O_id for one block of rows of one (batch, head): Δ in the units of
+    the backward's unscaled dropout products (delta_scale = 1 − p, or 1 without dropout)."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o = _load_rows(_head(O, b, h, stride_ob, stride_oh), rows, stride_ot, T, HEAD_DIM)
     do = _load_rows(_head(DO, b, h, stride_dob, stride_doh), rows, stride_dot, T, HEAD_DIM)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1) * delta_scale
     tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
 
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, q, do, lse, delta, rows, cols, qk_scale, seed, bh, start_n, masked, drop_threshold,
-               keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     """dK, dV of the resident key block from one streamed block of BLOCK_M queries (transposed tiles).
-    dV accumulates (P∘Z)ᵀ dO unscaled: the kernel scales it by 1/(1 − p) once at the end."""
+    With dropout, exp2(c·s − L) is P/(1 − p) (the forward stored L that way) and Δ comes multiplied by
+    (1 − p): dSᵀ = (P/(1 − p)) ∘ (Z ∘ dPᵀ − (1 − p)Δ) = P ∘ (Z ∘ dPᵀ/(1 − p) − Δ)."""
     p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
     if masked:  # a run-time branch: one copy of the step in the binary
         p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
-    # dV first, so dPᵀ is not yet live while (P∘Z)ᵀ is: fewer registers at the peak.
     if HAS_DROPOUT:
+        # dPᵀ before dV, so both selects follow the mask at once (no mask kept across a matmul):
+        # dSᵀ = P ∘ (Z ∘ dP − Δ'), one select per score more than without dropout.
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         keep_t = tl.trans(keep_tile(seed, bh, rows, start_n, drop_threshold, BLOCK_M, BLOCK_N))
         dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (tl.where(keep_t, dp_t, 0.0) * keep_scale - delta[None, :])
+        ds_t = p_t * (tl.where(keep_t, dp_t, 0.0) - delta[None, :])
     else:
+        # dV first, so dPᵀ is not yet live while Pᵀ is: fewer registers at the peak.
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -203,15 +216,14 @@ def _dkdv_step(dk, dv, k, v, q, do, lse, delta, rows, cols, qk_scale, seed, bh, 
 
 @triton.jit
 def _dq_step(dq, q, do, k, v, lse, delta, rows, cols, qk_scale, seed, bh, start_n, masked, drop_threshold,
-             keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    """dQ of the resident BLOCK_M queries from one streamed block of BLOCK_N keys."""
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dQ of the resident BLOCK_M queries from one streamed block of BLOCK_N keys (dropout as in _dkdv_step)."""
     p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
     if masked:
         p = tl.where(rows[:, None] >= cols[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        dp = tl.where(keep_tile(seed, bh, rows, start_n, drop_threshold, BLOCK_M, BLOCK_N), dp, 0.0) * keep_scale
+        dp = tl.where(keep_tile(seed, bh, rows, start_n, drop_threshold, BLOCK_M, BLOCK_N), dp, 0.0)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
@@ -222,7 +234,7 @@ def _attn_bwd_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-    H, T, sm_scale, qk_scale, drop_threshold, keep_scale,
+    H, T, sm_scale, qk_scale, drop_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -253,11 +265,10 @@ def _attn_bwd_kernel(
         lse = _load_row_stat(LSE, bh, rows, T, float("inf"))
         delta = _load_row_stat(DELTA, bh, rows, T, 0.0)
         dk, dv = _dkdv_step(dk, dv, k_resident, v_resident, q, do, lse, delta, rows, cols, qk_scale, seed, bh,
-                            block_start, start_m < band_end, drop_threshold, keep_scale, BLOCK_M, BLOCK_N,
-                            HAS_DROPOUT, DOT_PRECISION)
+                            block_start, start_m < band_end, drop_threshold, BLOCK_M, BLOCK_N, HAS_DROPOUT,
+                            DOT_PRECISION)
     _store_rows(_head(DK, b, h, stride_dkb, stride_dkh), cols, stride_dkt, T, dk * sm_scale, HEAD_DIM)
-    _store_rows(_head(DV, b, h, stride_dvb, stride_dvh), cols, stride_dvt, T,
-                dv * keep_scale if HAS_DROPOUT else dv, HEAD_DIM)
+    _store_rows(_head(DV, b, h, stride_dvb, stride_dvh), cols, stride_dvt, T, dv, HEAD_DIM)
 
     # dQ: the key blocks left of these queries unmasked, then the diagonal band masked.
     # (Fresh names: Triton treats a name assigned in a loop and live before it as loop-carried.)
@@ -272,8 +283,7 @@ def _attn_bwd_kernel(
         k = _load_rows(k_head, keys, stride_kt, T, HEAD_DIM)
         v = _load_rows(v_head, keys, stride_vt, T, HEAD_DIM)
         dq = _dq_step(dq, q_resident, do_resident, k, v, lse_rows, delta_rows, q_rows, keys, qk_scale, seed, bh,
-                      start_n, start_n >= block_start, drop_threshold, keep_scale, BLOCK_N, BLOCK_M, HAS_DROPOUT,
-                      DOT_PRECISION)
+                      start_n, start_n >= block_start, drop_threshold, BLOCK_N, BLOCK_M, HAS_DROPOUT, DOT_PRECISION)
     _store_rows(_head(DQ, b, h, stride_dqb, stride_dqh), q_rows, stride_dqt, T, dq * sm_scale, HEAD_DIM)
 
 
@@ -319,7 +329,10 @@ def pinned(kind: str, head_dim: int, fp32: bool) -> Config:
     """The one config the tests and the interpreter run (FASTGPT_ATTENTION_PINNED=1 on a GPU too): small
     tiles, so short sequences cross several tile edges."""
     if kind == "fwd":
-        return Config(32, 16, 4, 2) if fp32 else Config(32, 32, 4, 2)
+        if fp32:
+            return Config(32, 16, 4, 2)
+        # d = 128 with dropout spills a word at 2 stages under Triton 3.9 (ptxas stops at 128 registers).
+        return Config(32, 32, 4, 1) if head_dim == 128 else Config(32, 32, 4, 2)
     return Config(16, 64, 4, 2) if fp32 and head_dim == 32 else Config(16, 32, 4, 2)
 
 
@@ -458,26 +471,28 @@ def _fwd_launch(q, k, v, o, lse, seed, dropout_p, config, precision=None, use_tm
     grid = (b * h, triton.cdiv(t, config.block_m))
     threshold, keep_scale = quantize(dropout_p)
     args = (*tiles, lse, q if seed is None else seed, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            h, t, s, s - t, _LOG2_E / math.sqrt(d), threshold, keep_scale)
+            h, t, s, s - t, _LOG2_E / math.sqrt(d), threshold, keep_scale, math.log2(keep_scale))
     meta = dict(HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, HAS_DROPOUT=threshold > 0,
                 DOT_PRECISION=precision or dot_precision(q.dtype), USE_TMA=use_tma,
                 num_warps=config.num_warps, num_stages=config.num_stages)
     return grid, args, meta
 
 
-def _delta_launch(o, do, delta):
+def _delta_launch(o, do, delta, dropout_p=0.0):
     b, h, t, d = o.shape
     grid = (triton.cdiv(t, DELTA_BLOCK_M), b * h)
-    return grid, (o, do, delta, *_strides(o), *_strides(do), h, t), dict(HEAD_DIM=d, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
+    delta_scale = 1.0 / quantize(dropout_p)[1]
+    return grid, (o, do, delta, *_strides(o), *_strides(do), h, t, delta_scale), dict(
+        HEAD_DIM=d, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
 
 
 def _bwd_launch(q, k, v, do, lse, delta, dq, dk, dv, seed, dropout_p, config, precision=None):
     b, h, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
-    threshold, keep_scale = quantize(dropout_p)
+    threshold, _ = quantize(dropout_p)
     args = (q, k, v, do, lse, delta, dq, dk, dv, q if seed is None else seed,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *_strides(dk), *_strides(dv),
-            h, t, scale, scale * _LOG2_E, threshold, keep_scale)
+            h, t, scale, scale * _LOG2_E, threshold)
     meta = dict(HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, HAS_DROPOUT=threshold > 0,
                 DOT_PRECISION=precision or dot_precision(q.dtype), num_warps=config.num_warps,
                 num_stages=config.num_stages)
@@ -517,7 +532,7 @@ def _backward(do, q, k, v, o, lse, dropout_p, seed):
         _run(_attn_bwd_kernel, _bwd_launch(q, k, v, do, lse, delta, dq, dk, dv, seed, dropout_p, config))
 
     with on_device(q):
-        _run(_attn_bwd_delta_kernel, _delta_launch(o, do, delta))
+        _run(_attn_bwd_delta_kernel, _delta_launch(o, do, delta, dropout_p))
         launch(_choose("bwd", q, dropout_p, launch))
     return dq, dk, dv
 

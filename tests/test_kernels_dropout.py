@@ -12,11 +12,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastgpt.kernels.attention as attention_kernels
 import fastgpt.kernels.layer_norm as layer_norm_kernels
 from fastgpt import ops
-from fastgpt.kernels.dropout import quantize
+from fastgpt.kernels.dropout import keep_tile, quantize
 from helpers import kernel_device
 
 DEVICE = kernel_device()
@@ -39,7 +41,7 @@ def philox4x32_10(counters: np.ndarray, seed: int) -> np.ndarray:
 
 
 def reference_mask(seed: int, stream: int, rows: int, cols: int, p: float) -> np.ndarray:
-    """The documented keep-mask: byte j mod 16 of Philox(counter = (j // 16, i, stream, 0)) >= round(256 p)."""
+    """The LayerNorm kernel's keep-mask: byte j mod 16 of Philox(counter = (j // 16, i, stream, 0)) >= round(256 p)."""
     threshold, _ = quantize(p)
     groups = -(-cols // 16)
     i, g = np.meshgrid(np.arange(rows), np.arange(groups), indexing="ij")
@@ -48,6 +50,20 @@ def reference_mask(seed: int, stream: int, rows: int, cols: int, p: float) -> np
     as_bytes = words[..., :, None] >> (np.arange(4, dtype=np.uint32) * 8)  # (rows, groups, word, byte)
     decisions = (as_bytes & 0xFF) >= threshold
     return decisions.reshape(rows, groups * 16)[:, :cols]
+
+
+def reference_tile_mask(seed: int, stream: int, rows: int, cols: int, p: float) -> np.ndarray:
+    """The attention kernels' keep-mask (keep_tile): column j of row i is byte 2·j₃ + j₀ of word
+    2·j₅ + j₄ (jₖ: bit k of j) of Philox(counter = (4·(j // 64) + (j // 2) mod 4, i, stream, 0))."""
+    threshold, _ = quantize(p)
+    i, j = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    group = 4 * (j // 64) + (j // 2) % 4
+    counters = np.stack([group, i, np.full_like(i, stream), np.zeros_like(i)], axis=-1).astype(np.uint32)
+    words = philox4x32_10(counters, seed)                                  # (rows, cols, 4)
+    word = 2 * ((j >> 5) & 1) + ((j >> 4) & 1)
+    byte = 2 * ((j >> 3) & 1) + (j & 1)
+    chosen = np.take_along_axis(words, word[..., None], axis=-1)[..., 0]
+    return ((chosen >> (8 * byte).astype(np.uint32)) & 0xFF) >= threshold
 
 
 @pytest.fixture
@@ -70,15 +86,18 @@ def layer_norm_mask(rows: int, cols: int, p: float) -> np.ndarray:
     return kept != 0
 
 
-def attention_mask(heads: int, t: int, p: float) -> np.ndarray:
+def attention_mask(heads: int, t: int, p: float, d: int = 64) -> np.ndarray:
     """The attention kernel's mask (b = 1): with q = k = 0 the causal weights are 1/(i+1), and
-    v = the identity's columns makes the output P ∘ Z / (1 − p_q) itself."""
-    d = 64
-    assert t <= d
+    v = the identity's columns on keys c .. c + d makes the output P ∘ Z / (1 − p_q) there."""
     zeros = torch.zeros(1, heads, t, d, device=DEVICE)
-    eye = torch.eye(t, d, device=DEVICE).expand(1, heads, t, d)
-    out = ops.causal_attention(zeros, zeros, eye, dropout_p=p)
-    return (out[0, :, :, :t] != 0).cpu().numpy()
+    mask = np.zeros((heads, t, t), dtype=bool)
+    for first_key in range(0, t, d):
+        eye = torch.eye(t, d, device=DEVICE)
+        v = torch.roll(eye, first_key, dims=0).expand(1, heads, t, d)  # key first_key + c -> column c
+        out = ops.causal_attention(zeros, zeros, v, dropout_p=p)
+        width = min(d, t - first_key)
+        mask[:, :, first_key:first_key + width] = (out[0, :, :, :width] != 0).cpu().numpy()
+    return mask
 
 
 def test_layer_norm_mask_is_the_documented_philox_function(fixed_seed):
@@ -88,14 +107,33 @@ def test_layer_norm_mask_is_the_documented_philox_function(fixed_seed):
     assert ops.dispatch_counts[("dropout_add_layer_norm", "triton")] == 1
 
 
-def test_attention_mask_is_the_documented_philox_function_of_each_head(fixed_seed):
-    p, heads, t = 0.2, 3, 40
+@pytest.mark.parametrize("t", [40, 150])  # inside one 64-key window; across three, the last ragged
+def test_attention_mask_is_the_documented_philox_function_of_each_head(fixed_seed, t):
+    p, heads = 0.2, 3
     got = attention_mask(heads, t, p)
     causal = np.tril(np.ones((t, t), dtype=bool))
     for head in range(heads):
-        want = reference_mask(SEED, head, t, t, p) & causal  # stream = batch·heads index
+        want = reference_tile_mask(SEED, head, t, t, p) & causal  # stream = batch·heads index
         assert np.array_equal(got[head], want), f"head {head}"
-    assert ops.dispatch_counts[("causal_attention", "triton")] == 1
+    assert ops.dispatch_counts[("causal_attention", "triton")] == -(-t // 64)
+
+
+def test_attention_mask_keep_rate_and_independence_inside_and_across_philox_groups():
+    p, t = 0.25, 192
+    torch.manual_seed(2)
+    mask = attention_mask(1, t, p)[0]
+    rows = mask[128:]  # rows that see every key of the first two 64-key windows
+    assert abs(rows[:, :128].mean() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / rows[:, :128].size)
+    pairs = {  # keep_tile: column j is byte 2·j₃ + j₀ of word 2·j₅ + j₄ of group 4·(j // 64) + (j // 2) mod 4
+        "next byte, same word": (rows[:, 0:128:2], rows[:, 1:128:2]),
+        "next group": (rows[:, 0:126], rows[:, 2:128]),
+        "byte 0 and byte 2 of a word": (rows[:, 0:120], rows[:, 8:128]),
+        "next word": (rows[:, 0:112], rows[:, 16:128]),
+        "next window": (rows[:, 0:64], rows[:, 64:128]),
+        "next row": (rows[:-1, :128], rows[1:, :128]),
+    }
+    for name, (a, b) in pairs.items():
+        assert abs(_correlation(a, b)) < 5 / math.sqrt(a.size), name
 
 
 def test_p_is_rounded_to_a_multiple_of_1_over_256_and_the_scale_stays_unbiased():
@@ -137,3 +175,23 @@ def test_heads_draw_independent_masks():
     assert abs(kept.mean() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / kept.size)
     for head in range(heads - 1):
         assert abs(_correlation(kept[head], kept[head + 1])) < 5 / math.sqrt(kept.shape[1]), head
+
+
+@triton.jit
+def _keep_tile_kernel(OUT, SEED, stream, first_row, first_col, threshold,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = first_row + tl.arange(0, BLOCK_M)
+    keep = keep_tile(tl.load(SEED), stream, rows, first_col, threshold, BLOCK_M, BLOCK_N)
+    tl.store(OUT + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], keep.to(tl.int8))
+
+
+@pytest.mark.parametrize("block_n", [16, 32, 64, 128])  # every tile width the attention launchers use
+def test_keep_tile_is_the_same_function_at_every_tile_width(block_n):
+    p, stream, first_row, block_m = 0.3, 5, 3, 16
+    want = reference_tile_mask(SEED, stream, first_row + block_m, 256, p)[first_row:]
+    seed = torch.tensor([SEED], dtype=torch.int64, device=DEVICE)
+    for first_col in range(0, 256, block_n):
+        out = torch.full((block_m, block_n), 2, dtype=torch.int8, device=DEVICE)  # 2: never written
+        _keep_tile_kernel[(1,)](out, seed, stream, first_row, first_col, quantize(p)[0],
+                                BLOCK_M=block_m, BLOCK_N=block_n)
+        assert np.array_equal(out.cpu().numpy(), want[:, first_col:first_col + block_n]), first_col
