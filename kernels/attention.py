@@ -322,12 +322,16 @@ BWD_TABLE = {
 }
 TABLES = {"fwd": FWD_TABLE, "bwd": BWD_TABLE}
 ARCH_FAMILIES = {"sm80": 80, "sm90": 90}
+MAX_DROPOUT_COST = 1.5  # SASS of a tile with dropout over its p = 0 twin, on sm_90 (the report checks it)
 FP32_HEAD_DIMS = (32, 64)  # float32 at d = 128: every tf32x3 backward tile spills; use half precision
 
 
-def pinned(kind: str, head_dim: int, fp32: bool) -> Config:
+def pinned(kind: str, head_dim: int, fp32: bool, family: str = "sm80") -> Config:
     """The one config the tests and the interpreter run (FASTGPT_ATTENTION_PINNED=1 on a GPU too): small
-    tiles, so short sequences cross several tile edges."""
+    tiles, so short sequences cross several tile edges. On sm_90 the half-precision d = 64 tiles are the
+    smallest wgmma ones (64 × 64, 4 warps), so the GPU tests run the tuned tiles' instruction shapes."""
+    if family == "sm90" and head_dim == 64 and not fp32:
+        return Config(64, 64, 4, 2 if kind == "fwd" else 1)  # the 2-stage backward spills with dropout
     if kind == "fwd":
         if fp32:
             return Config(32, 16, 4, 2)
@@ -351,7 +355,8 @@ DELTA_BLOCK_M = 32
 for _table in TABLES.values():
     for _key, _configs in _table.items():
         assert _key[0] in (None, *ARCH_FAMILIES), _key
-for _configs in list(BWD_TABLE.values()) + [[pinned("bwd", d, f)] for d in (32, 64, 128) for f in (False, True)]:
+for _configs in list(BWD_TABLE.values()) + [[pinned("bwd", d, f, a)] for d in (32, 64, 128) for f in (False, True)
+                                             for a in ARCH_FAMILIES]:
     assert all(c.block_n % c.block_m == 0 for c in _configs)  # the backward's loops rely on it
 
 TUNER = Tuner()
@@ -380,7 +385,7 @@ def _choose(kind, q, dropout_p, launch):
     dropout = quantize(dropout_p)[0] > 0
     key = TUNER.key_for(kind + ("+dropout" if dropout else ""), d, q.dtype, t, b * h * triton.cdiv(t, 128), q.device)
     return TUNER.choose(kind, key, _candidates(kind, d, q.dtype, dropout, q.device), launch,
-                        pinned(kind, d, q.dtype == torch.float32))
+                        pinned(kind, d, q.dtype == torch.float32, arch_family(q.device)))
 
 
 def _strides(t):
@@ -638,9 +643,8 @@ def _configs_by_archs(kind, d, fp32, dropout):
     """{config: the archs whose tuned list (or pinned tile) holds it}, in list order."""
     found: dict = {}
     for family, arch in ARCH_FAMILIES.items():
-        for config in configs(kind, family, d, fp32, dropout):
+        for config in configs(kind, family, d, fp32, dropout) + [pinned(kind, d, fp32, family)]:
             found.setdefault(config, set()).add(arch)
-    found.setdefault(pinned(kind, d, fp32), set()).update(ARCH_FAMILIES.values())
     return found
 
 
@@ -648,7 +652,7 @@ def compile_cases() -> list:
     """Every config the launchers can pick (each arch family's tuned list and the pinned one) × head_dim
     × dtype × dropout (× both fp32 dot precisions, × TMA or pointers for the half-precision forward on
     sm_90), launched on GPT-2's shapes (batch 8 × 1024 tokens, 768 wide) and on a ragged one (batch 1 ×
-    100 tokens). Tuned bf16/fp16 d = 64 tiles must be wgmma with N >= 64 on sm_90; TMA tiles must use TMA."""
+    100 tokens). Every bf16/fp16 d = 64 tile sm_90 runs must be wgmma with N >= 64; TMA tiles must use TMA."""
     cases = []
     for dtype, dtype_name in _DTYPES.items():
         fp32 = dtype == torch.float32
@@ -667,7 +671,7 @@ def compile_cases() -> list:
                     for kind in ("fwd", "bwd"):
                         for config, on in _configs_by_archs(kind, d, fp32, dropout_p > 0).items():
                             archs = None if on == set(ARCH_FAMILIES.values()) else tuple(sorted(on))
-                            tuned_n64 = 64 if (not fp32 and d == 64 and config != pinned(kind, d, fp32)) else None
+                            tuned_n64 = 64 if not fp32 and d == 64 else None  # every tile sm_90 runs
                             variants = [False] + ([True] if kind == "fwd" and not fp32 and 90 in on
                                                   and TensorDescriptor is not None else [])
                             for use_tma in variants:
@@ -683,7 +687,8 @@ def compile_cases() -> list:
                                     f"attention_{kind}{drop}", fn, launch, shape=shape,
                                     config=f"{label} {config!r}{' TMA' if use_tma else ''}",
                                     expects_tensor_cores=True, archs=(90,) if use_tma else archs,
-                                    expects_min_wgmma_n=tuned_n64, expects_tma=use_tma))
+                                    expects_min_wgmma_n=tuned_n64, expects_tma=use_tma,
+                                    expects_max_dropout_cost=MAX_DROPOUT_COST if dropout_p else None))
                 cases.append(CompileCase.of_launch(
                     "attention_bwd_delta", _attn_bwd_delta_kernel, _delta_launch(o, do, lse),
                     config=f"{dtype_name} d={d} BLOCK_M={DELTA_BLOCK_M} warps=4", shape=shape))

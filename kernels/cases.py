@@ -56,6 +56,7 @@ class CompileCase:
     archs: tuple | None = None        # the compute capabilities that launch it (None: all); TMA needs 90
     expects_min_wgmma_n: int | None = None  # on sm_90, fail unless every HGMMA has N >= this
     expects_tma: bool = False               # on sm_90, fail unless tiles move through TMA
+    expects_max_dropout_cost: float | None = None  # on sm_90, fail if SASS > this × its p = 0 twin's
 
     @classmethod
     def of_launch(cls, kernel: str, fn, launch, **fields) -> "CompileCase":

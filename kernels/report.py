@@ -95,6 +95,7 @@ class CaseResult:
     expects_tensor_cores: bool
     expects_min_wgmma_n: int | None = None  # sm_90 only: every HGMMA has N >= this
     expects_tma: bool = False               # sm_90 only: tiles move through TMA (UTMALDG)
+    expects_max_dropout_cost: float | None = None  # sm_90 only: SASS ≤ this × the p = 0 twin's
     registers: int | None = None
     spill_stores_bytes: int | None = None
     spill_loads_bytes: int | None = None
@@ -633,11 +634,33 @@ def build_report(cases: list[CompileCase], archs=DEFAULT_ARCHS, jobs: int | None
                                     num_warps=case.num_warps, num_stages=case.num_stages,
                                     expects_tensor_cores=case.expects_tensor_cores, shapes=shapes,
                                     expects_min_wgmma_n=case.expects_min_wgmma_n, expects_tma=case.expects_tma,
+                                    expects_max_dropout_cost=case.expects_max_dropout_cost,
                                     error=outcome.get("error"), **measured)
                 result.failures = failure_reasons(result)
-                result.ok = not result.failures
                 results.append(result)
-    return Report(archs=archs, case_count=len(cases), results=results)
+    built = Report(archs=archs, case_count=len(cases), results=results)
+    _check_dropout_costs(built)
+    for result in results:
+        result.ok = not result.failures
+    return built
+
+
+def _check_dropout_costs(built: "Report") -> None:
+    """Fail each sm_90 ``X+dropout`` row that expects a dropout cost and needs more SASS instructions
+    than that many times its twin ``X`` (same config, Triton); a missing twin is a failure too."""
+    twins = {(r.kernel, r.config, r.arch, r.triton_version): r for r in built.results if r.sass}
+    for result in built.results:
+        limit = result.expects_max_dropout_cost
+        if result.arch != "sm_90" or limit is None or not result.sass:
+            continue
+        without = twins.get((result.kernel.replace("+dropout", ""), result.config, result.arch,
+                             result.triton_version))
+        if without is None or without is result:
+            result.failures.append("expects a dropout cost but its p = 0 twin is not in the report")
+        elif result.sass["total"] > limit * without.sass["total"]:
+            result.failures.append(f"dropout costs {result.sass['total'] / without.sass['total']:.2f}× the SASS "
+                                   f"instructions of its p = 0 twin ({result.sass['total']} vs "
+                                   f"{without.sass['total']}), over {limit}×")
 
 
 def _plural(count: int, noun: str) -> str:

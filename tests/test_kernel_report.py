@@ -235,9 +235,25 @@ def test_a_dying_or_hung_worker_fails_only_its_own_case():
     assert hung.failures == ["did not compile: compilation timed out after 0.5 s"]
 
 
+def test_a_dropout_twin_over_its_expected_cost_fails_on_sm_90_only():
+    def rows(arch, total_with, total_without=1000, version="3.6.0"):
+        return [passing_row(arch, kernel="attn", sass={"total": total_without, "classes": {}}, triton_version=version),
+                passing_row(arch, kernel="attn+dropout", sass={"total": total_with, "classes": {}},
+                            triton_version=version, expects_max_dropout_cost=1.5)]
+    built = report.Report(archs=[80, 90], case_count=2,
+                          results=rows("sm_90", 1500) + rows("sm_90", 1510, version="3.9.0") + rows("sm_80", 1900))
+    report._check_dropout_costs(built)
+    failures = [r.failures for r in built.results if r.kernel == "attn+dropout"]
+    assert failures == [[], ["dropout costs 1.51× the SASS instructions of its p = 0 twin (1510 vs 1000), over 1.5×"],
+                        []]  # 1.5× exactly passes; sm_80 is not checked
+    lonely = report.Report(archs=[90], case_count=1, results=rows("sm_90", 1200)[1:])
+    report._check_dropout_costs(lonely)
+    assert lonely.results[0].failures == ["expects a dropout cost but its p = 0 twin is not in the report"]
+
+
 JSON_CASE_FIELDS = {"kernel", "config", "arch", "num_warps", "num_stages", "expects_tensor_cores", "registers",
                     "spill_stores_bytes", "spill_loads_bytes", "stack_bytes", "shared_bytes", "tensor_cores",
-                    "tensor_core_instructions", "expects_min_wgmma_n", "expects_tma", "sass", "programs_per_sm", "compile_seconds", "triton_version",
+                    "tensor_core_instructions", "expects_min_wgmma_n", "expects_tma", "expects_max_dropout_cost", "sass", "programs_per_sm", "compile_seconds", "triton_version",
                     "ptxas_version", "shapes", "ok", "error", "failures"}
 
 

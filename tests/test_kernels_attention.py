@@ -1,8 +1,8 @@
 """Fused causal attention kernels: parity with float64 forward and backward, dropout, strided inputs.
 
 Without a GPU these run under the Triton interpreter with the pinned tile
-config (kernels/attention.py: PINNED), small enough that every T below crosses
-several tiles. bfloat16 is not tested here: the interpreter's tl.dot on bf16
+config (kernels/attention.py: pinned()), small enough that every T below crosses
+several tiles (on sm_90 half-precision d = 64 pins the 64 × 64 wgmma tile: T ≥ 100 cross). bfloat16 is not tested here: the interpreter's tl.dot on bf16
 is broken (DESIGN.md, Triton issue 11584); the GPU run covers it.
 """
 
@@ -85,6 +85,7 @@ def test_the_tma_forward_matches_float64_on_the_projection_layout(monkeypatch, t
     from catalogue_launches import launches_in_the_catalogue
     from fastgpt.kernels import attention
     monkeypatch.setattr(attention, "TMA_POLICY", "always")
+    monkeypatch.setattr(attention, "arch_family", lambda device: "sm90")  # and sm_90's pinned tile
     b, h, d = 2, 3, 64
     q, k, v = (torch.randn(b, t, h, d, generator=torch.Generator().manual_seed(i)).half().to(DEVICE).transpose(1, 2)
                for i in range(3))
@@ -103,6 +104,8 @@ def test_a_chunked_prefill_runs_the_forward_kernel_with_a_bottom_right_mask(monk
     from fastgpt.kernels import attention
     from test_kernels_decode_attention import _bottom_right_reference
     monkeypatch.setattr(attention, "TMA_POLICY", "always" if use_tma else "never")
+    if use_tma:  # an sm_90 launch: its pinned tile too
+        monkeypatch.setattr(attention, "arch_family", lambda device: "sm90")
     g = torch.Generator().manual_seed(q_len)
     dtype = torch.float16
     q = torch.randn(2, 3, q_len, 64, generator=g).to(dtype).to(DEVICE)
