@@ -202,7 +202,7 @@ def _dkdv_step(dk, dv, k, v, q, do, lse, delta, rows, cols, qk_scale, seed, bh, 
         # dPᵀ before dV, so both selects follow the mask at once (no mask kept across a matmul):
         # dSᵀ = P ∘ (Z ∘ dP − Δ'), one select per score more than without dropout.
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        keep_t = tl.trans(keep_tile(seed, bh, rows, start_n, drop_threshold, BLOCK_M, BLOCK_N))
+        keep_t = tl.trans(keep_tile(seed, bh, rows, start_n, drop_threshold, BLOCK_M, BLOCK_N, True))
         dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (tl.where(keep_t, dp_t, 0.0) - delta[None, :])
     else:

@@ -52,10 +52,14 @@ def _bytes_of(words, NDIM: tl.constexpr):
 
 
 @triton.jit
-def keep_tile(seed, stream, rows, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The keep-mask of rows × columns col_start .. col_start + BLOCK_N
-    (BLOCK_N in {16, 32} or a multiple of 64; col_start % BLOCK_N == 0 and % 16 == 0)."""
-    if BLOCK_N >= 64:
+def keep_tile(seed, stream, rows, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              TRANSPOSED: tl.constexpr = False):
+    """The keep-mask of rows × columns col_start .. col_start + BLOCK_N (BLOCK_N in {16, 32} or a
+    multiple of 64; col_start % BLOCK_N == 0). Two constructions of the same function: in place, the
+    selects and shifts fold per register of a tensor-core accumulator; TRANSPOSED (the caller holds
+    the tile transposed, so the values cross threads through shared memory), joins keep that
+    shuffle to the Philox words."""
+    if BLOCK_N >= 64 and TRANSPOSED:
         windows: tl.constexpr = BLOCK_N // 64
         zero3 = tl.zeros([BLOCK_M, windows, 4], dtype=tl.uint32)
         group = ((col_start // 64 + tl.arange(0, windows))[:, None] * 4 + tl.arange(0, 4)[None, :]).to(tl.uint32)
@@ -64,6 +68,23 @@ def keep_tile(seed, stream, rows, col_start, threshold, BLOCK_M: tl.constexpr, B
         words = tl.join(tl.join(r0, r2), tl.join(r1, r3))        # [M, W, q, x, y]: word 2x + y
         random_bytes = _bytes_of(words, 5)                        # [M, W, q, x, y, z, u]
         ordered = tl.permute(random_bytes, (0, 1, 3, 4, 5, 2, 6))  # column 64W + 32x + 16y + 8z + 2q + u
+    elif BLOCK_N >= 64:
+        windows: tl.constexpr = BLOCK_N // 64
+        # Axes [row, window, x, y, z, q, u]: column 64·window + 32x + 16y + 8z + 2q + u. In a
+        # tensor-core accumulator x, y, z, u are one thread's registers: the selects fold.
+        zero = tl.zeros([BLOCK_M, windows, 1, 1, 1, 4, 1], dtype=tl.uint32)
+        window = (col_start // 64 + tl.arange(0, windows))[None, :, None, None, None, None, None]
+        q = tl.arange(0, 4)[None, None, None, None, None, :, None]
+        r0, r1, r2, r3 = tl.philox(seed, (window * 4 + q).to(tl.uint32) + zero,
+                                   rows.to(tl.uint32)[:, None, None, None, None, None, None] + zero,
+                                   (zero + stream).to(tl.uint32), zero)
+        two = tl.arange(0, 2)
+        x = two[None, None, :, None, None, None, None] != 0
+        y = two[None, None, None, :, None, None, None] != 0
+        words = tl.where(x, tl.where(y, r3, r2), tl.where(y, r1, r0))     # word 2x + y
+        shift = (24 - 16 * two[None, None, None, None, :, None, None]
+                 - 8 * two[None, None, None, None, None, None, :]).to(tl.uint32)  # byte 2z + u on top
+        ordered = words << shift
     else:
         zero = tl.zeros([BLOCK_M, 4], dtype=tl.uint32)
         group = ((col_start // 64) * 4 + tl.arange(0, 4)).to(tl.uint32)[None, :] + zero

@@ -179,19 +179,20 @@ def test_heads_draw_independent_masks():
 
 @triton.jit
 def _keep_tile_kernel(OUT, SEED, stream, first_row, first_col, threshold,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr):
     rows = first_row + tl.arange(0, BLOCK_M)
-    keep = keep_tile(tl.load(SEED), stream, rows, first_col, threshold, BLOCK_M, BLOCK_N)
+    keep = keep_tile(tl.load(SEED), stream, rows, first_col, threshold, BLOCK_M, BLOCK_N, TRANSPOSED)
     tl.store(OUT + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], keep.to(tl.int8))
 
 
+@pytest.mark.parametrize("transposed", [False, True])  # two constructions of one function
 @pytest.mark.parametrize("block_n", [16, 32, 64, 128])  # every tile width the attention launchers use
-def test_keep_tile_is_the_same_function_at_every_tile_width(block_n):
+def test_keep_tile_is_the_same_function_at_every_tile_width(block_n, transposed):
     p, stream, first_row, block_m = 0.3, 5, 3, 16
     want = reference_tile_mask(SEED, stream, first_row + block_m, 256, p)[first_row:]
     seed = torch.tensor([SEED], dtype=torch.int64, device=DEVICE)
     for first_col in range(0, 256, block_n):
         out = torch.full((block_m, block_n), 2, dtype=torch.int8, device=DEVICE)  # 2: never written
         _keep_tile_kernel[(1,)](out, seed, stream, first_row, first_col, quantize(p)[0],
-                                BLOCK_M=block_m, BLOCK_N=block_n)
+                                BLOCK_M=block_m, BLOCK_N=block_n, TRANSPOSED=transposed)
         assert np.array_equal(out.cpu().numpy(), want[:, first_col:first_col + block_n]), first_col
