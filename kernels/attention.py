@@ -49,7 +49,7 @@ import triton.language as tl
 
 from .autotune import Config, Tuner
 from .cases import CompileCase, TensorArg
-from .dropout import keep_tile, quantize
+from .dropout import MAX_DROPOUT_COST, keep_tile, quantize
 from .outputs import new_output
 from .runtime import device_mismatch, dot_precision, dropout_seed, on_device
 
@@ -322,7 +322,6 @@ BWD_TABLE = {
 }
 TABLES = {"fwd": FWD_TABLE, "bwd": BWD_TABLE}
 ARCH_FAMILIES = {"sm80": 80, "sm90": 90}
-MAX_DROPOUT_COST = 1.5  # SASS of a tile with dropout over its p = 0 twin, on sm_90 (the report checks it)
 FP32_HEAD_DIMS = (32, 64)  # float32 at d = 128: every tf32x3 backward tile spills; use half precision
 
 

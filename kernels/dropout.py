@@ -1,23 +1,26 @@
-"""The dropout keep-mask shared by the attention and LayerNorm kernels: 16 decisions per Philox call.
+"""The dropout keep-masks of the attention and LayerNorm kernels: every random bit used, one byte per decision.
 
-Philox4x32-10 returns 128 random bits per counter; all of them are used, one
-byte per decision, so 16 elements of a row cost one Philox call
-(FlashAttention-2's scheme) instead of one call per element. Under seed σ an
-element is kept iff its byte ≥ t, t = round(256 · p). The mask is a pure
-function of (σ, stream s, row i, column j) -- the backward regenerates exactly
-the forward's mask whatever tile sizes either uses -- and rows, columns and
-streams never share a counter (no 32-bit offset i·T + j to overflow).
+Under seed σ an element is kept iff its random byte ≥ t, t = round(256 · p), and
+every byte of each Philox call decides an element (FlashAttention-2's scheme)
+instead of one call per element. The mask is a pure function of (σ, row i,
+column j, and for attention the batch·head stream s) -- the backward regenerates
+exactly the forward's mask whatever tile sizes either uses -- and rows, columns
+and streams never share a counter (no 32-bit offset i·T + j to overflow).
 
-Which 16 columns share a call differs by kernel, chosen so the random bytes are
-born where the kernel's tile needs them:
+Which columns share a call differs by kernel, chosen so the random bytes are
+born in the registers of the thread that needs them (no shuffle through shared
+memory):
 
-- **Attention** (``keep_tile``; s = batch·head): column j is byte 2·j₃ + j₀ of
-  word 2·j₅ + j₄ (jₖ: bit k of j) of Philox(key σ, counter (4·⌊j/64⌋ + ⌊j/2⌋ mod 4, i, s, 0)).
-  These are the 16 columns one thread holds of a row of a 64-column tensor-core
-  accumulator (wgmma on sm_90, mma.sync on sm_80: pairs of columns 8 apart), so
-  the forward builds the mask in registers with no shuffle through shared memory.
-- **LayerNorm** (``keep_row``; s = 0): column 16g + 4w + c is byte c of word w of
-  Philox(key σ, counter (g, i, 0, 0)).
+- **Attention** (``keep_tile``): Philox4x32-10, key σ (64 bits), 16 columns per
+  call. Column j is byte 2·j₃ + j₀ of word 2·j₅ + j₄ (jₖ: bit k of j) of
+  counter (4·⌊j/64⌋ + ⌊j/2⌋ mod 4, i, s, 0): the 16 columns one thread holds of
+  a row of a 64-column tensor-core accumulator (wgmma on sm_90, mma.sync on
+  sm_80: pairs of columns 8 apart).
+- **LayerNorm** (``keep_row``): Philox2x32-10, 8 columns per call, the 8
+  contiguous columns one thread loads as a 16-byte vector of fp16 (two of fp32).
+  Column 8g + 4w + c is byte c of word w of counter (g, i ⊕ ⌊σ/2³²⌋) under key
+  σ mod 2³². Half the Philox width, half the work: where a thread holds 8
+  columns, one call and no bits thrown away.
 
 The drop probability is rounded to a multiple of 1/256: p_q = t / 256 (p = 0.1
 becomes 26/256 = 0.1016). Kept values are scaled by 1 / (1 − p_q), so the
@@ -28,7 +31,8 @@ import triton
 import triton.language as tl
 
 DROPOUT_LEVELS = 256  # one byte per decision
-GROUP = 16            # columns decided by one Philox call (16 bytes)
+# Every kernel's X+dropout case on sm_90: SASS at most this × its p = 0 twin's (the report checks it).
+MAX_DROPOUT_COST = 1.5
 
 
 def quantize(p: float) -> tuple[int, float]:
@@ -103,14 +107,36 @@ def keep_tile(seed, stream, rows, col_start, threshold, BLOCK_M: tl.constexpr, B
     return tl.reshape(ordered, [BLOCK_M, BLOCK_N]) >= (threshold.to(tl.uint32) << 24)
 
 
+# Philox2x32 (Salmon et al., SC'11): a 64-bit counter (c0, c1) and a 32-bit key, each round
+#   (c0, c1) <- (hi(M·c0) ⊕ c1 ⊕ k, lo(M·c0)),   k <- k + W   (mod 2³²)
+PHILOX2_M = tl.constexpr(0xD256D193)
+PHILOX2_W = tl.constexpr(0x9E3779B9)
+
+
 @triton.jit
-def keep_row(seed, stream, row, threshold, BLOCK_N: tl.constexpr):
-    """The keep-mask of columns 0 .. BLOCK_N of one row (BLOCK_N % 16 == 0)."""
-    groups: tl.constexpr = BLOCK_N // 16
-    zero = tl.zeros([groups], dtype=tl.uint32)
-    counter_col = tl.arange(0, groups).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, counter_col, (zero + row).to(tl.uint32), (zero + stream).to(tl.uint32), zero)
-    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))          # [G, 2, 2]: word 2a + b
-    shifts = tl.arange(0, 4).to(tl.uint32) * 8
-    random_bytes = (words[:, :, :, None] >> shifts[None, None, None, :]).to(tl.uint8)  # truncates
-    return tl.reshape(random_bytes, [BLOCK_N]) >= threshold.to(tl.uint8)
+def philox2x32_10(c0, c1, key):
+    """Philox2x32-10 of uint32 counters (c0, c1) under a uint32 key: two random uint32 words."""
+    for _ in tl.static_range(10):
+        product_hi = tl.umulhi(c0, PHILOX2_M)
+        product_lo = c0 * PHILOX2_M
+        c0 = product_hi ^ c1 ^ key
+        c1 = product_lo
+        key = key + PHILOX2_W
+    return c0, c1
+
+
+@triton.jit
+def keep_row(seed, row, threshold, BLOCK_N: tl.constexpr):
+    """The keep-mask of columns 0 .. BLOCK_N of one row (BLOCK_N % 8 == 0)."""
+    calls: tl.constexpr = BLOCK_N // 8
+    # Axes [call, word, byte]: column 8·call + 4·word + byte. Where a thread holds 8 (or 4)
+    # contiguous columns, word and byte are its registers: the select and shifts fold.
+    zero = tl.zeros([calls, 1, 1], dtype=tl.uint32)
+    seed = seed.to(tl.uint64)
+    key = (seed & 0xFFFFFFFF).to(tl.uint32)
+    call = tl.arange(0, calls).to(tl.uint32)[:, None, None] + zero
+    row_word = (zero + row).to(tl.uint32) ^ (seed >> 32).to(tl.uint32)
+    r0, r1 = philox2x32_10(call, row_word, key)
+    words = tl.where((tl.arange(0, 2) != 0)[None, :, None], r1, r0)
+    shift = (24 - 8 * tl.arange(0, 4)).to(tl.uint32)[None, None, :]   # byte c on top
+    return tl.reshape(words << shift, [BLOCK_N]) >= (threshold.to(tl.uint32) << 24)

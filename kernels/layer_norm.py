@@ -12,15 +12,15 @@ Fused form (the GPT-2 block's residual add feeding the next LayerNorm):
 Backward, per row, with g = dy · w:
 
     dh = rstd · (g − mean(g) − x̂ · mean(g · x̂))   (+ the gradient arriving at h itself)
-    dbranch = dh · keep / (1 − p)                  keep regenerated from (seed, element offset)
+    dbranch = dh · keep / (1 − p)                  keep regenerated from (seed, row, column)
     dw = Σ_rows dy · x̂      db = Σ_rows dy         deterministic: every program sums its
                                                    block of rows into its own float32 partial
                                                    row; the partials are summed afterwards.
 
-Dropout uses kernels/dropout.py's keep-mask (one Philox call per 16 elements, a
-pure function of seed, row and column), so the backward pass regenerates the
-forward's mask instead of storing it. The drop probability is rounded to a
-multiple of 1/256.
+Dropout uses kernels/dropout.py's ``keep_row`` (one Philox2x32-10 call per 8
+contiguous elements, a pure function of seed, row and column), so the backward
+pass regenerates the forward's mask instead of storing it. The drop probability
+is rounded to a multiple of 1/256.
 
 The weight and bias are read in their own dtype and converted in the kernel,
 the branch in its own dtype too (under autocast it is half precision while the
@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import column_sum
 from .cases import CompileCase
-from .dropout import keep_row, quantize
+from .dropout import MAX_DROPOUT_COST, keep_row, quantize
 from .outputs import new_output
 from .runtime import device_mismatch, dropout_seed, on_device
 
@@ -59,10 +59,11 @@ def _layer_norm_fwd_kernel(
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BRANCH:
         branch = tl.load(BRANCH + row * stride_branch + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DROPOUT:
-            keep = keep_row(tl.load(SEED), 0, row, drop_threshold, BLOCK_N)
-            branch = tl.where(keep, branch * keep_scale, 0.0)
-        h = (x + branch).to(H.dtype.element_ty)
+        if HAS_DROPOUT:  # h = x + keep · branch / (1 − p): one fused multiply-add and a select
+            h = tl.where(keep_row(tl.load(SEED), row, drop_threshold, BLOCK_N), x + branch * keep_scale, x)
+        else:
+            h = x + branch
+        h = h.to(H.dtype.element_ty)
         tl.store(H + row * stride_h + cols, h, mask=mask)
         x = h.to(tl.float32)  # normalise exactly the h that is returned
     mean = tl.sum(x, axis=0) / N
@@ -113,7 +114,7 @@ def _layer_norm_bwd_kernel(
         if HAS_DBRANCH:  # the branch's own gradient: dropped like the forward, in the branch's dtype
             dbranch = dh
             if HAS_DROPOUT:
-                dbranch = tl.where(keep_row(seed, 0, r, drop_threshold, BLOCK_N), dh * keep_scale, 0.0)
+                dbranch = tl.where(keep_row(seed, r, drop_threshold, BLOCK_N), dh * keep_scale, 0.0)
             tl.store(DBRANCH + r * stride_dbranch + cols, dbranch.to(DBRANCH.dtype.element_ty), mask=mask)
         dw_acc += dy * x_hat
         db_acc += dy
@@ -405,15 +406,16 @@ def compile_cases() -> list:
                 has_branch = fused != ""
                 own_dbranch = has_branch and (p > 0 or branch_dtype != x_dtype)
                 config = label(x_dtype, branch_dtype, w_dtype)
+                cost = MAX_DROPOUT_COST if p else None
                 cases.append(CompileCase.of_launch(
                     f"layer_norm_fwd{fused}", _layer_norm_fwd_kernel,
                     _fwd_launch(x, branch if has_branch else x, x, x, w, w, stats, stats, seed if p else None, 1e-5, p),
-                    config=config, shape=where))
+                    config=config, shape=where, expects_max_dropout_cost=cost))
                 cases.append(CompileCase.of_launch(
                     f"layer_norm_bwd{fused}", _layer_norm_bwd_kernel,
                     _bwd_launch(x, x, w, stats, stats, x if has_branch else None, x,
                                 branch if own_dbranch else None, partial, partial, seed if p else None, p),
-                    config=config, shape=where))
+                    config=config, shape=where, expects_max_dropout_cost=cost))
 
             for x_dtype, w_dtype in _PLAIN_DTYPES:
                 if shape == "gpt2" or w_dtype == x_dtype:

@@ -1,10 +1,11 @@
 """The dropout keep-mask of the attention and LayerNorm kernels (kernels/dropout.py).
 
-The mask is a documented pure function of (seed, stream, row, column): one
-Philox4x32-10 call per 16 columns of a row, one byte per decision. A NumPy
-Philox written from the algorithm's definition checks the kernels bit for bit;
-statistics check the keep rate and that neighbouring rows, columns (inside and
-across a 16-column group), heads and seeds are uncorrelated.
+The masks are documented pure functions of (seed, stream, row, column), one byte
+per decision: attention one Philox4x32-10 call per 16 scores, LayerNorm one
+Philox2x32-10 call per 8 elements. NumPy Philox written from the algorithm's
+definition (checked against the published known-answer vectors) checks the
+kernels bit for bit; statistics check the keep rate and that neighbouring rows,
+columns (inside and across a call's group), heads and seeds are uncorrelated.
 """
 
 import math
@@ -18,7 +19,7 @@ import triton.language as tl
 import fastgpt.kernels.attention as attention_kernels
 import fastgpt.kernels.layer_norm as layer_norm_kernels
 from fastgpt import ops
-from fastgpt.kernels.dropout import keep_tile, quantize
+from fastgpt.kernels.dropout import keep_tile, philox2x32_10, quantize
 from helpers import kernel_device
 
 DEVICE = kernel_device()
@@ -40,16 +41,35 @@ def philox4x32_10(counters: np.ndarray, seed: int) -> np.ndarray:
     return np.stack(c, axis=-1).astype(np.uint32)
 
 
-def reference_mask(seed: int, stream: int, rows: int, cols: int, p: float) -> np.ndarray:
-    """The LayerNorm kernel's keep-mask: byte j mod 16 of Philox(counter = (j // 16, i, stream, 0)) >= round(256 p)."""
+def philox2x32_10_reference(c0: np.ndarray, c1: np.ndarray, key: int) -> tuple[np.ndarray, np.ndarray]:
+    """Philox2x32 with 10 rounds on uint32 counters (c0, c1) and a 32-bit key."""
+    mask = np.uint64(0xFFFFFFFF)
+    c0, c1, key = c0.astype(np.uint64), c1.astype(np.uint64), np.uint64(key)
+    for _ in range(10):
+        product = np.uint64(0xD256D193) * c0
+        c0, c1 = ((product >> np.uint64(32)) ^ c1 ^ key) & mask, product & mask
+        key = (key + np.uint64(0x9E3779B9)) & mask
+    return c0.astype(np.uint32), c1.astype(np.uint32)
+
+
+# Random123's known-answer vectors for philox2x32_10: (counter c0, c1, key) -> (word 0, word 1).
+PHILOX2X32_10_KAT = [
+    ((0x00000000, 0x00000000, 0x00000000), (0xFF1DAE59, 0x6CD10DF2)),
+    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0x2C3F628B, 0xAB4FD7AD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E), (0xDD7CE038, 0xF62A4C12)),
+]
+
+
+def reference_mask(seed: int, rows: int, cols: int, p: float) -> np.ndarray:
+    """The LayerNorm kernel's keep-mask: column 8g + 4w + c of row i is byte c of word w of
+    Philox2x32(counter = (g, i ⊕ ⌊σ / 2³²⌋), key = σ mod 2³²) >= round(256 p)."""
     threshold, _ = quantize(p)
-    groups = -(-cols // 16)
-    i, g = np.meshgrid(np.arange(rows), np.arange(groups), indexing="ij")
-    counters = np.stack([g, i, np.full_like(i, stream), np.zeros_like(i)], axis=-1).astype(np.uint32)
-    words = philox4x32_10(counters, seed)                                  # (rows, groups, 4)
-    as_bytes = words[..., :, None] >> (np.arange(4, dtype=np.uint32) * 8)  # (rows, groups, word, byte)
+    calls = -(-cols // 8)
+    i, g = np.meshgrid(np.arange(rows, dtype=np.uint32), np.arange(calls, dtype=np.uint32), indexing="ij")
+    words = np.stack(philox2x32_10_reference(g, i ^ np.uint32(seed >> 32), seed & 0xFFFFFFFF), axis=-1)
+    as_bytes = words[..., :, None] >> (np.arange(4, dtype=np.uint32) * 8)  # (rows, calls, word, byte)
     decisions = (as_bytes & 0xFF) >= threshold
-    return decisions.reshape(rows, groups * 16)[:, :cols]
+    return decisions.reshape(rows, calls * 8)[:, :cols]
 
 
 def reference_tile_mask(seed: int, stream: int, rows: int, cols: int, p: float) -> np.ndarray:
@@ -102,8 +122,8 @@ def attention_mask(heads: int, t: int, p: float, d: int = 64) -> np.ndarray:
 
 def test_layer_norm_mask_is_the_documented_philox_function(fixed_seed):
     p = 0.3
-    got = layer_norm_mask(7, 200, p)  # 200 columns: 12 whole groups and a ragged one
-    assert np.array_equal(got, reference_mask(SEED, 0, 7, 200, p))
+    got = layer_norm_mask(7, 100, p)  # 100 columns: 12 whole groups of 8 and a ragged one
+    assert np.array_equal(got, reference_mask(SEED, 7, 100, p))
     assert ops.dispatch_counts[("dropout_add_layer_norm", "triton")] == 1
 
 
@@ -136,6 +156,29 @@ def test_attention_mask_keep_rate_and_independence_inside_and_across_philox_grou
         assert abs(_correlation(a, b)) < 5 / math.sqrt(a.size), name
 
 
+def test_numpy_philox2x32_matches_the_published_known_answers():
+    for (c0, c1, key), want in PHILOX2X32_10_KAT:
+        got = philox2x32_10_reference(np.array([c0]), np.array([c1]), key)
+        assert (int(got[0][0]), int(got[1][0])) == want
+
+
+@triton.jit
+def _philox2x32_kernel(C0, C1, KEY, OUT0, OUT1, N: tl.constexpr):
+    i = tl.arange(0, N)
+    r0, r1 = philox2x32_10(tl.load(C0 + i).to(tl.uint32), tl.load(C1 + i).to(tl.uint32), tl.load(KEY).to(tl.uint32))
+    tl.store(OUT0 + i, r0.to(tl.int64, bitcast=False))
+    tl.store(OUT1 + i, r1.to(tl.int64, bitcast=False))
+
+
+def test_kernel_philox2x32_matches_the_published_known_answers():
+    for (c0, c1, key), want in PHILOX2X32_10_KAT:
+        c0s = torch.full((16,), c0, dtype=torch.int64, device=DEVICE)
+        c1s = torch.full((16,), c1, dtype=torch.int64, device=DEVICE)
+        out0, out1 = torch.zeros_like(c0s), torch.zeros_like(c0s)
+        _philox2x32_kernel[(1,)](c0s, c1s, torch.tensor([key], dtype=torch.int64, device=DEVICE), out0, out1, N=16)
+        assert set(out0.tolist()) == {want[0]} and set(out1.tolist()) == {want[1]}
+
+
 def test_p_is_rounded_to_a_multiple_of_1_over_256_and_the_scale_stays_unbiased():
     assert quantize(0.0) == (0, 1.0)
     assert quantize(0.1) == (26, 1 / (1 - 26 / 256))
@@ -156,9 +199,10 @@ def test_keep_rate_and_independence_across_rows_columns_and_seeds():
     assert abs(first.mean() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / first.size)
     # |correlation| of n pairs of independent bits stays below 5/sqrt(n) (5 sigma).
     pairs = {
-        "next column, same group": (first[:, 0::16], first[:, 1::16]),
-        "next column, next group": (first[:, 15:-1:16], first[:, 16::16]),
-        "byte 3 and byte 4 (next word)": (first[:, 3::16], first[:, 4::16]),
+        "next column, same word": (first[:, 0::8], first[:, 1::8]),
+        "byte 3 and byte 4 (next word)": (first[:, 3::8], first[:, 4::8]),
+        "next column, next group": (first[:, 7:-1:8], first[:, 8::8]),
+        "same column of the next group": (first[:, :-8], first[:, 8:]),
         "next row": (first[:-1], first[1:]),
         "next seed": (first, second),
     }
