@@ -17,10 +17,10 @@ memory):
   a row of a 64-column tensor-core accumulator (wgmma on sm_90, mma.sync on
   sm_80: pairs of columns 8 apart).
 - **LayerNorm** (``keep_row``): Philox2x32-10, 8 columns per call, the 8
-  contiguous columns one thread loads as a 16-byte vector of fp16 (two of fp32).
-  Column 8g + 4w + c is byte c of word w of counter (g, i ⊕ ⌊σ/2³²⌋) under key
-  σ mod 2³². Half the Philox width, half the work: where a thread holds 8
-  columns, one call and no bits thrown away.
+  contiguous columns one thread loads as a 16-byte vector of fp16/bf16. Column
+  8g + 4w + c is byte c of word w of counter (g, i ⊕ ⌊σ/2³²⌋) under key σ mod 2³².
+  Half the Philox width, half the work: an fp16 thread makes one call for its 8
+  columns; an fp32 thread (4-column vectors) one call per vector, keeping one word.
 
 The drop probability is rounded to a multiple of 1/256: p_q = t / 256 (p = 0.1
 becomes 26/256 = 0.1016). Kept values are scaled by 1 / (1 − p_q), so the
@@ -129,8 +129,9 @@ def philox2x32_10(c0, c1, key):
 def keep_row(seed, row, threshold, BLOCK_N: tl.constexpr):
     """The keep-mask of columns 0 .. BLOCK_N of one row (BLOCK_N % 8 == 0)."""
     calls: tl.constexpr = BLOCK_N // 8
-    # Axes [call, word, byte]: column 8·call + 4·word + byte. Where a thread holds 8 (or 4)
-    # contiguous columns, word and byte are its registers: the select and shifts fold.
+    # Axes [call, word, byte]: column 8·call + 4·word + byte. Where a thread holds 8 contiguous
+    # columns, word and byte are its registers and the select and shifts fold (with 4, the
+    # word is the thread's: one select).
     zero = tl.zeros([calls, 1, 1], dtype=tl.uint32)
     seed = seed.to(tl.uint64)
     key = (seed & 0xFFFFFFFF).to(tl.uint32)
