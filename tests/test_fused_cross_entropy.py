@@ -127,6 +127,12 @@ def _peak_rss_growth(fused: bool) -> int:
     return _status_bytes("VmHWM") - before
 
 
+def _in_a_fresh_process(fn, *args):
+    """fn(*args) in a newly spawned process of its own (one per call: no heap shared between measurements)."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+        return fresh.submit(fn, *args).result()
+
+
 def test_the_peak_memory_is_a_chunk_not_three_logits_tensors():
     """Measured: process RSS high-water mark (Linux) over one forward + backward, 64 MiB of logits."""
     try:
@@ -135,10 +141,7 @@ def test_the_peak_memory_is_a_chunk_not_three_logits_tensors():
     except OSError as err:
         pytest.skip(f"needs Linux's resettable RSS high-water mark (/proc/self/clear_refs): {err}")
     logits_bytes = 512 * 32768 * 4
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-        unfused = fresh.submit(_peak_rss_growth, False).result()
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-        fused = fresh.submit(_peak_rss_growth, True).result()
+    unfused, fused = _in_a_fresh_process(_peak_rss_growth, False), _in_a_fresh_process(_peak_rss_growth, True)
     # Unfused: the logits, their log-softmax and their gradient (about 3 × 64 MiB). Fused: a 4 MiB
     # chunk, the weight's 8 MiB gradient and the matmuls' workspace -- well under one logits tensor.
     assert unfused >= 2 * logits_bytes, unfused / 2**20  # the measurement sees the unfused logits

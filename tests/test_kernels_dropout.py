@@ -166,8 +166,8 @@ def test_numpy_philox2x32_matches_the_published_known_answers():
 def _philox2x32_kernel(C0, C1, KEY, OUT0, OUT1, N: tl.constexpr):
     i = tl.arange(0, N)
     r0, r1 = philox2x32_10(tl.load(C0 + i).to(tl.uint32), tl.load(C1 + i).to(tl.uint32), tl.load(KEY).to(tl.uint32))
-    tl.store(OUT0 + i, r0.to(tl.int64, bitcast=False))
-    tl.store(OUT1 + i, r1.to(tl.int64, bitcast=False))
+    tl.store(OUT0 + i, r0.to(tl.int64))  # zero-extended
+    tl.store(OUT1 + i, r1.to(tl.int64))
 
 
 def test_kernel_philox2x32_matches_the_published_known_answers():
