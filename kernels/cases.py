@@ -25,6 +25,12 @@ KERNEL_MODULES: tuple[str, ...] = ("column_sum", "layer_norm", "gelu", "attentio
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
+# Constexprs that specialise a launch on its integers, as Triton's own "divisible by 16" does
+# (layer_norm's ROW_ALIGN: the power of two dividing the width and row strides). The catalogue
+# compiles them at the shapes it lists (GPT-2's widths and a ragged one); a launch matches a case
+# whatever their value, as it does whatever its strides' divisibility.
+INTEGER_SPECIALISATIONS = frozenset({"ROW_ALIGN"})
+
 
 @dataclass(frozen=True)
 class TensorArg:
@@ -56,7 +62,7 @@ class CompileCase:
     archs: tuple | None = None        # the compute capabilities that launch it (None: all); TMA needs 90
     expects_min_wgmma_n: int | None = None  # on sm_90, fail unless every HGMMA has N >= this
     expects_tma: bool = False               # on sm_90, fail unless tiles move through TMA
-    expects_max_dropout_cost: float | None = None  # on sm_90, fail if SASS > this × its p = 0 twin's
+    expects_max_dropout_cost: float | None = None  # fail if SASS > this × its p = 0 twin's
 
     @classmethod
     def of_launch(cls, kernel: str, fn, launch, **fields) -> "CompileCase":

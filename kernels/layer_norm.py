@@ -46,13 +46,26 @@ _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 BACKWARD_STAGES = 2  # row loads of the backward in flight ahead of the row being reduced
 
 
+@triton.jit
+def _aligned(value, ALIGN: tl.constexpr):
+    """value, a multiple of ALIGN (the launcher checked), as the compiler can see it is one: tl.multiple_of
+    cannot mark a kernel argument, but the analysis knows x // A * A. At 16 Triton's launcher specialisation
+    already says so, and below 2 there is nothing to say."""
+    if ALIGN > 1 and ALIGN < 16:
+        value = value // ALIGN * ALIGN
+    return value
+
+
 @triton.jit(do_not_specialize=["drop_threshold"])
 def _layer_norm_fwd_kernel(
     X, BRANCH, H, Y, W, B, MEAN, RSTD, SEED,     # pointers; BRANCH, H, SEED unused without HAS_BRANCH / HAS_DROPOUT
     stride_x, stride_branch, stride_h, stride_y,  # row strides (columns are contiguous)
     N, eps, drop_threshold, keep_scale,
-    HAS_BRANCH: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BRANCH: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
+    # Rows start on ROW_ALIGN-element boundaries (the launcher checked): ragged widths move whole vectors too.
+    N, stride_x, stride_branch = _aligned(N, ROW_ALIGN), _aligned(stride_x, ROW_ALIGN), _aligned(stride_branch, ROW_ALIGN)
+    stride_h, stride_y = _aligned(stride_h, ROW_ALIGN), _aligned(stride_y, ROW_ALIGN)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -84,8 +97,11 @@ def _layer_norm_bwd_kernel(
     stride_dy, stride_h, stride_dh_in, stride_dx, stride_dbranch,
     M, N, rows_per_program, drop_threshold, keep_scale,
     HAS_DH_IN: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DBRANCH: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
+    N, stride_dy, stride_h = _aligned(N, ROW_ALIGN), _aligned(stride_dy, ROW_ALIGN), _aligned(stride_h, ROW_ALIGN)
+    stride_dh_in, stride_dx = _aligned(stride_dh_in, ROW_ALIGN), _aligned(stride_dx, ROW_ALIGN)
+    stride_dbranch = _aligned(stride_dbranch, ROW_ALIGN)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -126,6 +142,16 @@ def _layer_norm_bwd_kernel(
 
 def block_n(n: int) -> int:
     return max(_MIN_BLOCK_N, triton.next_power_of_2(n))
+
+
+def row_alignment(n: int, *row_strides: int) -> int:
+    """The largest power of two up to 16 dividing the width and every row stride. Triton's launcher
+    only specialises "divisible by 16"; a width like 100 (and 100-element rows) is divisible by 4,
+    which is enough for whole 16-byte float32 vectors."""
+    alignment = 16
+    while alignment > 1 and any(value % alignment for value in (n, *row_strides)):
+        alignment //= 2
+    return alignment
 
 
 def num_warps_for(block: int) -> int:
@@ -184,10 +210,11 @@ def _fwd_launch(x2, branch2, h, y, weight, bias, mean, rstd, seed, eps, dropout_
     m, n = x2.shape
     block = block_n(n)
     threshold, keep_scale = quantize(dropout_p)
+    strides = (x2.stride(0), branch2.stride(0), h.stride(0), y.stride(0))
     args = (x2, branch2, h, y, weight, bias, mean, rstd, x2 if seed is None else seed,
-            x2.stride(0), branch2.stride(0), h.stride(0), y.stride(0), n, eps, threshold, keep_scale)
+            *strides, n, eps, threshold, keep_scale)
     meta = dict(HAS_BRANCH=branch2 is not x2, HAS_DROPOUT=threshold > 0, BLOCK_N=block,
-                num_warps=num_warps_for(block))
+                ROW_ALIGN=row_alignment(n, *strides), num_warps=num_warps_for(block))
     return (m,), args, meta
 
 
@@ -196,12 +223,14 @@ def _bwd_launch(dy2, h2, weight, mean, rstd, dh_in2, dx, dbranch, dw_partial, db
     programs = dw_partial.shape[0]
     block = block_n(n)
     threshold, keep_scale = quantize(dropout_p)
-    args = (dy2, h2, weight, mean, rstd, dy2 if dh_in2 is None else dh_in2, dx,
-            dx if dbranch is None else dbranch, dw_partial, db_partial, h2 if seed is None else seed,
-            dy2.stride(0), h2.stride(0), (dy2 if dh_in2 is None else dh_in2).stride(0), dx.stride(0),
-            (dx if dbranch is None else dbranch).stride(0), m, n, triton.cdiv(m, programs), threshold, keep_scale)
+    dh_in_or_dy = dy2 if dh_in2 is None else dh_in2  # unused without HAS_DH_IN
+    dbranch2 = dx if dbranch is None else dbranch  # unused without HAS_DBRANCH
+    strides = (dy2.stride(0), h2.stride(0), dh_in_or_dy.stride(0), dx.stride(0), dbranch2.stride(0))
+    args = (dy2, h2, weight, mean, rstd, dh_in_or_dy, dx, dbranch2, dw_partial, db_partial, h2 if seed is None else seed,
+            *strides, m, n, triton.cdiv(m, programs), threshold, keep_scale)
     meta = dict(HAS_DH_IN=dh_in2 is not None, HAS_DROPOUT=threshold > 0, HAS_DBRANCH=dbranch is not None,
-                BLOCK_N=block, NUM_STAGES=BACKWARD_STAGES, num_warps=num_warps_for(block))
+                BLOCK_N=block, NUM_STAGES=BACKWARD_STAGES, ROW_ALIGN=row_alignment(n, *strides),
+                num_warps=num_warps_for(block))
     return (programs,), args, meta
 
 

@@ -22,9 +22,11 @@ def _launch(fn, args, kwargs) -> dict:
 
 
 def _matches(case, launch) -> bool:
+    from fastgpt.kernels.cases import INTEGER_SPECIALISATIONS
     bound = launch["bound"]
     return (case.num_warps == launch["num_warps"] and case.num_stages == launch["num_stages"]
-            and all(bound.get(name) == value for name, value in case.constexprs.items())
+            and all(bound.get(name) == value for name, value in case.constexprs.items()
+                    if name not in INTEGER_SPECIALISATIONS)
             and all(case.pointer_types.get(name) == _POINTER_TYPES.get(value.dtype)
                     for name, value in bound.items() if isinstance(value, torch.Tensor)))
 

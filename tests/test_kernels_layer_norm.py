@@ -69,10 +69,17 @@ def test_layer_norm_forward_and_backward_match_float64(shape, dtype):
     assert ops.dispatch_counts == {("layer_norm", "triton"): 1}
 
 
-@pytest.mark.parametrize("layout", ["strided rows", "strided columns", "transposed leading dims"])
+def test_row_alignment_is_the_largest_power_of_two_up_to_16_dividing_width_and_strides():
+    from fastgpt.kernels.layer_norm import row_alignment
+    assert row_alignment(768, 768, 2304) == 16 and row_alignment(4096, 4096) == 16
+    assert row_alignment(100, 100) == 4 and row_alignment(34, 80) == 2 and row_alignment(33, 80) == 1
+
+
+@pytest.mark.parametrize("layout", ["strided rows", "strided even rows", "strided columns", "transposed leading dims"])
 def test_layer_norm_handles_non_contiguous_inputs(layout):
     base, w, b, dy = _inputs((6, 4, 80), torch.float32, seed=1)
     x = {"strided rows": base[:, :, :33],            # row stride 80, width 33
+         "strided even rows": base[:, :, :34],       # rows 2-element aligned: the kernels are told so
          "strided columns": base[:, :, ::2],          # column stride 2
          "transposed leading dims": base.transpose(0, 1)}[layout]
     assert not x.is_contiguous()
