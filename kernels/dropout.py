@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 DROPOUT_LEVELS = 256  # one byte per decision
-# Every kernel's X+dropout case on sm_90: SASS at most this × its p = 0 twin's (the report checks it).
+# Every kernel's X+dropout case, sm_80 and sm_90: SASS at most this × its p = 0 twin's (the report checks it).
 MAX_DROPOUT_COST = 1.5
 
 

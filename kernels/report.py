@@ -12,7 +12,10 @@ read with the NVIDIA tools Triton bundles:
 - spill stores and loads: the ``ptxas -v`` log of the very ptxas run that built the
   cubin (Triton prints it when ``knobs.nvidia.dump_ptxas_log`` is on; we capture it);
 - dynamic shared memory: Triton's ``metadata.shared`` (what the launcher requests);
-- tensor-core instructions: HMMA/HGMMA/... opcodes in the ``nvdisasm`` SASS and
+- the SASS (instruction mix, tensor-core shapes, TMA): ``nvdisasm`` of the cubin's
+  code sections, many kernels per run once all are compiled (its start-up would
+  otherwise be most of the report's time);
+- tensor-core instructions: HMMA/HGMMA/... opcodes in that SASS and
   ``mma.sync`` / ``wgmma.mma_async`` in the PTX.
 
 A case fails if it does not compile, spills, needs more shared memory than the
@@ -24,11 +27,13 @@ Field meanings are documented in kernels/README.md.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import dataclasses
 import importlib
 import inspect
 import io
+import itertools
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -36,6 +41,7 @@ import os
 import pickle
 import platform
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -95,7 +101,7 @@ class CaseResult:
     expects_tensor_cores: bool
     expects_min_wgmma_n: int | None = None  # sm_90 only: every HGMMA has N >= this
     expects_tma: bool = False               # sm_90 only: tiles move through TMA (UTMALDG)
-    expects_max_dropout_cost: float | None = None  # sm_90 only: SASS ≤ this × the p = 0 twin's
+    expects_max_dropout_cost: float | None = None  # SASS ≤ this × the p = 0 twin's
     registers: int | None = None
     spill_stores_bytes: int | None = None
     spill_loads_bytes: int | None = None
@@ -237,8 +243,73 @@ def count_tensor_core_instructions(ptx: str, sass: str) -> dict[str, int]:
     return counts
 
 
-def measure_case(case: CompileCase, arch: int) -> dict:
-    """Compile one case for one arch and read its resources. Raises on compile errors.
+@dataclass
+class MachineCode:
+    """A compiled case's instructions, for nvdisasm: the cubin's code sections and the SASS
+    architecture to decode them as (``SM90a`` for sm_90, whose wgmma needs the "a" ISA)."""
+
+    sass_arch: str
+    code: bytes
+
+
+def code_sections(cubin: bytes) -> bytes:
+    """The executable sections (``.text.<function>``) of a cubin, concatenated: the raw
+    instructions that ``nvdisasm --binary`` reads. A cubin is a 64-bit little-endian ELF."""
+    if cubin[:5] != b"\x7fELF\x02":
+        raise ValueError("not a 64-bit ELF cubin")
+    section_table, = struct.unpack_from("<Q", cubin, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", cubin, 0x3A)
+
+    def section(index):  # (name offset, file offset, size) of a section header
+        name, _type, _flags, _addr, offset, size = struct.unpack_from("<IIQQQQ", cubin, section_table + index * entry_size)
+        return name, offset, size
+
+    _, names_at, _ = section(names_index)
+    code = []
+    for index in range(count):
+        name_at, offset, size = section(index)
+        name = cubin[names_at + name_at:cubin.index(b"\0", names_at + name_at)]
+        if name.startswith(b".text."):
+            code.append(cubin[offset:offset + size])
+    if not code:
+        raise ValueError("the cubin has no .text section")
+    return b"".join(code)
+
+
+def sass_arch_of(ptx: str) -> str:
+    """nvdisasm's name for the ISA a PTX module targets: ".target sm_90a" -> "SM90a"."""
+    found = re.search(r"^\s*\.target\s+sm_(\d+[a-z]?)", ptx, re.MULTILINE)
+    if found is None:
+        raise RuntimeError("the PTX names no .target sm_XX")
+    return f"SM{found.group(1)}"
+
+
+# One instruction of nvdisasm's output, by its address: "        /*0a30*/   HGMMA..."
+_SASS_ADDRESS_RE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/", re.MULTILINE)
+
+
+def disassemble(sass_arch: str, codes: list[bytes]) -> list[str]:
+    """The SASS of each raw code blob, from one ``nvdisasm`` run over all of them laid end
+    to end. nvdisasm costs ~0.3 s to start, most of the work for a small kernel; sm_80+
+    instructions are 16 bytes, so the blobs split back by address. ``--no-dataflow``
+    skips the branch-stack analysis, which changes labels, not instructions."""
+    with tempfile.TemporaryDirectory(prefix="fastgpt-kernel-report-") as scratch:
+        path = os.path.join(scratch, "code.bin")
+        with open(path, "wb") as out:
+            out.write(b"".join(codes))
+        text = _run_tool("nvdisasm", "--binary", sass_arch, "--no-dataflow", path)
+    starts = list(itertools.accumulate((len(code) for code in codes[:-1]), initial=0))
+    lines: list[list[str]] = [[] for _ in codes]
+    for found in _SASS_ADDRESS_RE.finditer(text):
+        line_end = text.find("\n", found.start())
+        lines[bisect.bisect_right(starts, int(found.group(1), 16)) - 1].append(
+            text[found.start():line_end if line_end >= 0 else len(text)])
+    return ["\n".join(blob) for blob in lines]
+
+
+def compile_case(case: CompileCase, arch: int) -> tuple[dict, MachineCode]:
+    """Compile one case for one arch: its measurements, all but those read from the SASS
+    (``with_sass`` adds them), and its machine code. Raises on compile errors.
 
     Needs a process whose Triton was imported without TRITON_INTERPRET (see _Worker)."""
     _check_case(case)
@@ -263,35 +334,47 @@ def measure_case(case: CompileCase, arch: int) -> dict:
     if not spill_lines:
         raise RuntimeError("no `ptxas -v` log was captured, so spills are unknown "
                            "(has this Triton version changed knobs.nvidia.dump_ptxas_log?)")
-    ptx = kernel.asm["ptx"]
+    ptx, cubin = kernel.asm["ptx"], kernel.asm["cubin"]
     with tempfile.TemporaryDirectory(prefix="fastgpt-kernel-report-") as scratch:
         cubin_path = os.path.join(scratch, "kernel.cubin")
-        with open(cubin_path, "wb") as cubin:
-            cubin.write(kernel.asm["cubin"])
+        with open(cubin_path, "wb") as out:
+            out.write(cubin)
         usage = RESOURCE_USAGE_RE.search(_run_tool("cuobjdump", "-res-usage", cubin_path))
-        sass = _run_tool("nvdisasm", cubin_path)
     if usage is None:
         raise RuntimeError("cuobjdump -res-usage printed no REG/STACK/SHARED line")
     registers, stack, static_shared = map(int, usage.groups())
-    instructions = count_tensor_core_instructions(ptx, sass)
     # The launcher requests metadata.shared bytes of dynamic shared memory on top of
     # the cubin's static shared memory (e.g. alignment padding on sm_90).
     shared = (kernel.metadata.shared or 0) + static_shared
-    return {
+    measurements = {
         "registers": registers,
         # One "Function properties" block per function (the kernel and any noinline callee).
         "spill_stores_bytes": sum(int(stores) for _, stores, _ in spill_lines),
         "spill_loads_bytes": sum(int(loads) for _, _, loads in spill_lines),
         "stack_bytes": stack,
         "shared_bytes": shared,
-        "tensor_cores": bool(instructions),
-        "tensor_core_instructions": instructions,
-        "sass": sass_profile(sass),
+        "tensor_core_instructions": count_tensor_core_instructions(ptx, ""),
         "programs_per_sm": programs_per_sm(arch, registers, case.num_warps, shared),
         "compile_seconds": round(seconds, 3),
         "triton_version": triton.__version__,
         "ptxas_version": _ptxas_version(arch),
     }
+    return measurements, MachineCode(sass_arch_of(ptx), code_sections(cubin))
+
+
+def with_sass(measurements: dict, sass: str) -> dict:
+    """Measurements plus what the SASS says: the instruction mix and the tensor-core opcodes."""
+    instructions = {**measurements["tensor_core_instructions"], **count_tensor_core_instructions("", sass)}
+    return {**measurements, "tensor_core_instructions": instructions, "tensor_cores": bool(instructions),
+            "sass": sass_profile(sass)}
+
+
+def measure_case(case: CompileCase, arch: int) -> dict:
+    """Compile one case for one arch and read all its measurements (the report batches
+    the disassembly instead). Raises on compile errors."""
+    measurements, machine_code = compile_case(case, arch)
+    [sass] = disassemble(machine_code.sass_arch, [machine_code.code])
+    return with_sass(measurements, sass)
 
 
 def _error_text(error: BaseException) -> str:
@@ -336,8 +419,10 @@ class KernelRef:
 
 
 def _worker_loop(connection, triton_site) -> None:
-    """A compiler worker. Jobs: ("compile", (case with a KernelRef, arch)) -> {"measurements": ...}
-    or {"error": ...}; ("keys", [cases]) -> {"keys": [(key or None, error or None), ...]}; None ends it."""
+    """A compiler worker. Jobs, each answered {"error": ...} if it raises:
+    ("compile", (case with a KernelRef, arch)) -> {"measurements": ..., "machine_code": MachineCode};
+    ("disassemble", (sass_arch, [code, ...])) -> {"sass": [SASS text, ...]};
+    ("keys", [cases]) -> {"keys": [(key or None, error or None), ...]}; None ends it."""
     # Triton 3.9 warns that its FP-fusion default changes in 3.10. The report compiles
     # with whatever default the library's own launches get; the warning would only
     # repeat once per worker.
@@ -348,10 +433,12 @@ def _worker_loop(connection, triton_site) -> None:
             _check_triton_site(triton_site)
             if kind == "keys":
                 outcome = {"keys": [_key_or_error(case) for case in payload]}
+            elif kind == "disassemble":
+                outcome = {"sass": disassemble(*payload)}
             else:
                 case, arch = payload
-                case = dataclasses.replace(case, fn=case.fn.load())
-                outcome = {"measurements": measure_case(case, arch)}
+                measurements, machine_code = compile_case(dataclasses.replace(case, fn=case.fn.load()), arch)
+                outcome = {"measurements": measurements, "machine_code": machine_code}
         except Exception as error:  # a compile error is a result, not a crash
             outcome = {"error": _error_text(error)}
         connection.send(outcome)
@@ -422,9 +509,10 @@ def default_jobs() -> int:
         return os.cpu_count() or 1
 
 
-def _run_in_workers(jobs: list[tuple[CompileCase, int]], workers: int, timeout: float,
+def _run_in_workers(jobs: list[tuple[str, object]], workers: int, timeout: float,
                     triton_site: str | None = None) -> list[dict]:
-    """Compile every (case, arch) job on up to `workers` spawned processes.
+    """Run every job ("compile" or "disassemble", see _worker_loop) on up to `workers`
+    spawned processes; one outcome per job, in order.
 
     Spawned, not forked: a fork would inherit the caller's Triton, interpreted or
     not, and its threads (torch's, or CUDA's on a GPU machine). A worker that dies or
@@ -440,15 +528,9 @@ def _run_in_workers(jobs: list[tuple[CompileCase, int]], workers: int, timeout: 
         while waiting or busy:
             while waiting and len(busy) < workers:
                 index = waiting.popleft()
-                case, arch = jobs[index]
-                try:
-                    job = (dataclasses.replace(case, fn=KernelRef.of(case.fn)), arch)
-                except Exception as error:
-                    outcomes[index] = {"error": _error_text(error)}
-                    continue
                 worker = idle.pop() if idle else _Worker(context, triton_site)
                 try:
-                    worker.give(index, ("compile", job))  # pickles the case: a constexpr value might not pickle
+                    worker.give(index, jobs[index])  # pickles the case: a constexpr value might not pickle
                 except Exception as error:
                     outcomes[index] = {"error": f"cannot send the case to a compiler process: {_error_text(error)}"}
                     idle.append(worker)
@@ -471,7 +553,8 @@ def _run_in_workers(jobs: list[tuple[CompileCase, int]], workers: int, timeout: 
                 if time.monotonic() - worker.job_started > timeout:
                     del busy[connection]
                     worker.stop(force=True)
-                    outcomes[worker.job_index] = {"error": f"compilation timed out after {timeout:g} s"}
+                    work = "compilation" if jobs[worker.job_index][0] == "compile" else "disassembly"
+                    outcomes[worker.job_index] = {"error": f"{work} timed out after {timeout:g} s"}
     finally:
         for worker in idle:
             worker.stop()
@@ -519,17 +602,12 @@ class Report:
                 f"{_plural(len(self.failed), 'failure')}")
 
     def dropout_cost(self) -> list[dict]:
-        """SASS instructions of each ``X+dropout`` row over its twin ``X`` (same config, arch, Triton)."""
-        twins = {(r.kernel, r.config, r.arch, r.triton_version): r for r in self.results if r.sass}
-        pairs = []
-        for (kernel, config, arch, version), with_dropout in twins.items():
-            base = kernel.replace("+dropout", "")
-            without = twins.get((base, config, arch, version)) if base != kernel else None
-            if without is not None:
-                pairs.append({"kernel": base, "config": config, "arch": arch, "triton_version": version,
-                              "without": without.sass["total"], "with": with_dropout.sass["total"],
-                              "ratio": round(with_dropout.sass["total"] / without.sass["total"], 3)})
-        return pairs
+        """SASS instructions of each ``X+dropout`` row over its twin ``X`` (see dropout_twins)."""
+        return [{"kernel": without.kernel, "config": without.config, "arch": without.arch,
+                 "triton_version": without.triton_version, "shapes": without.shapes,
+                 "without": without.sass["total"], "with": with_dropout.sass["total"],
+                 "ratio": round(with_dropout.sass["total"] / without.sass["total"], 3)}
+                for with_dropout, without in dropout_twins(self.results) if without is not None]
 
     def to_json(self) -> dict:
         return {
@@ -595,6 +673,48 @@ def _bind_keys(cases: list[CompileCase], triton_site, timeout: float) -> list[tu
     return outcome
 
 
+# Kernels per nvdisasm run: its ~0.3 s start-up is paid once per batch, not per kernel.
+DISASSEMBLY_BATCH = 32
+
+
+def _kernel_jobs(work: list[tuple[CompileCase, int]]) -> tuple[list, dict]:
+    """("compile", (case with a KernelRef, arch)) per (case, arch), and the outcome of
+    each that cannot become a job (its kernel cannot be imported by name)."""
+    jobs, failed = [], {}
+    for index, (case, arch) in enumerate(work):
+        try:
+            jobs.append(("compile", (dataclasses.replace(case, fn=KernelRef.of(case.fn)), arch)))
+        except Exception as error:
+            failed[index] = {"error": _error_text(error)}
+            jobs.append(None)
+    return jobs, failed
+
+
+def _compile_and_disassemble(work: list[tuple[CompileCase, int]], workers: int, timeout: float,
+                             triton_site) -> list[dict]:
+    """One outcome per (case, arch): {"measurements": ...} or {"error": ...}. Compiles on the
+    workers, then disassembles the machine code there in batches of one SASS architecture."""
+    jobs, outcomes = _kernel_jobs(work)
+    runnable = [index for index, job in enumerate(jobs) if job is not None]
+    for index, outcome in zip(runnable, _run_in_workers([jobs[i] for i in runnable], workers, timeout, triton_site)):
+        outcomes[index] = outcome
+    by_arch: dict[str, list[int]] = {}
+    for index, outcome in sorted(outcomes.items()):
+        if "machine_code" in outcome:
+            by_arch.setdefault(outcome["machine_code"].sass_arch, []).append(index)
+    batches = [(sass_arch, members[start:start + DISASSEMBLY_BATCH]) for sass_arch, members in by_arch.items()
+               for start in range(0, len(members), DISASSEMBLY_BATCH)]
+    disassembly_jobs = [("disassemble", (sass_arch, [outcomes[i]["machine_code"].code for i in members]))
+                        for sass_arch, members in batches]
+    for (_, members), done in zip(batches, _run_in_workers(disassembly_jobs, workers, timeout, triton_site)):
+        for position, index in enumerate(members):
+            if "error" in done:
+                outcomes[index] = {"error": f"nvdisasm failed: {done['error']}"}
+            else:
+                outcomes[index] = {"measurements": with_sass(outcomes[index]["measurements"], done["sass"][position])}
+    return [outcomes[index] for index in range(len(work))]
+
+
 def build_report(cases: list[CompileCase], archs=DEFAULT_ARCHS, jobs: int | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, triton_sites=(None,)) -> Report:
     """Compile every case for every arch, with the installed Triton (site None) and with each
@@ -622,7 +742,7 @@ def build_report(cases: list[CompileCase], archs=DEFAULT_ARCHS, jobs: int | None
 
         work = [(cases[index], arch) for index in representatives if index not in errors
                 for arch in archs_of(cases[index])]
-        outcomes = iter(_run_in_workers(work, max(1, jobs or default_jobs()), timeout, site) if work else [])
+        outcomes = iter(_compile_and_disassemble(work, max(1, jobs or default_jobs()), timeout, site))
         for index in representatives:
             case = cases[index]
             shapes = [cases[i].shape for i in members_of.get(index, [index]) if cases[i].shape]
@@ -645,17 +765,25 @@ def build_report(cases: list[CompileCase], archs=DEFAULT_ARCHS, jobs: int | None
     return built
 
 
+def dropout_twins(results: list[CaseResult]) -> list[tuple[CaseResult, CaseResult | None]]:
+    """Each compiled ``X+dropout`` row with its twin ``X``: the same config, arch, Triton and
+    shapes (a config label alone can name two variants: N = 96 and N = 100 at BLOCK_N = 128),
+    or None where the report holds no such row."""
+    def key(result, kernel):
+        return kernel, result.config, result.arch, result.triton_version, tuple(result.shapes)
+    by_key = {key(r, r.kernel): r for r in results if r.sass}
+    return [(r, by_key.get(key(r, r.kernel.replace("+dropout", "")))) for r in results
+            if r.sass and "+dropout" in r.kernel]
+
+
 def _check_dropout_costs(built: "Report") -> None:
-    """Fail each sm_90 ``X+dropout`` row that expects a dropout cost and needs more SASS instructions
-    than that many times its twin ``X`` (same config, Triton); a missing twin is a failure too."""
-    twins = {(r.kernel, r.config, r.arch, r.triton_version): r for r in built.results if r.sass}
-    for result in built.results:
+    """Fail each ``X+dropout`` row that expects a dropout cost and needs more SASS instructions
+    than that many times its twin ``X``; a missing twin is a failure too."""
+    for result, without in dropout_twins(built.results):
         limit = result.expects_max_dropout_cost
-        if result.arch != "sm_90" or limit is None or not result.sass:
+        if limit is None:
             continue
-        without = twins.get((result.kernel.replace("+dropout", ""), result.config, result.arch,
-                             result.triton_version))
-        if without is None or without is result:
+        if without is None:
             result.failures.append("expects a dropout cost but its p = 0 twin is not in the report")
         elif result.sass["total"] > limit * without.sass["total"]:
             result.failures.append(f"dropout costs {result.sass['total'] / without.sass['total']:.2f}× the SASS "
@@ -748,7 +876,7 @@ def format_dropout_cost(report: Report) -> str:
         if key not in worst or pair["ratio"] > worst[key]["ratio"]:
             worst[key] = pair
     lines = [f"dropout cost: {kernel} {arch} Triton {version}: at most {pair['ratio']:.2f}× the SASS instructions "
-             f"({pair['with']} vs {pair['without']}, {pair['config']})"
+             f"({pair['with']} vs {pair['without']}, {pair['config']}, {' + '.join(pair['shapes']) or 'no shape'})"
              for (kernel, arch, version), pair in sorted(worst.items())]
     return "\n".join(lines)
 

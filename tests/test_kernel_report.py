@@ -201,6 +201,49 @@ def test_tensor_core_counting_reads_sass_opcodes_and_ptx():
         "HMMA": 1, "HGMMA": 1, "mma.sync": 1, "wgmma.mma_async": 1}
 
 
+# Compiles ADD and MATMUL for sm_80 and sm_90 in a process without the interpreter, and
+# keeps each cubin beside the code sections the report reads from it.
+_COMPILE_FIXTURES = """
+import sys, triton
+from fastgpt.kernels import report
+import test_kernel_report as fixtures
+out, kernels = sys.argv[1], []
+compile_for_real = triton.compile
+triton.compile = lambda *args, **kwargs: kernels.append(compile_for_real(*args, **kwargs)) or kernels[-1]
+for name in ("ADD", "MATMUL"):
+    for arch in (80, 90):
+        _, machine_code = report.compile_case(getattr(fixtures, name), arch)
+        open(f"{out}/{name}-{arch}.cubin", "wb").write(kernels[-1].asm["cubin"])
+        open(f"{out}/{name}-{arch}.code", "wb").write(machine_code.code)
+        open(f"{out}/{name}-{arch}.arch", "w").write(machine_code.sass_arch)
+"""
+
+
+def test_batched_disassembly_reads_each_kernel_as_nvdisasm_reads_its_cubin(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FIXTURES, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    def opcodes(sass):
+        return report.SASS_INSTRUCTION_RE.findall(sass)
+
+    for arch in (80, 90):
+        codes = [(tmp_path / f"{name}-{arch}.code").read_bytes() for name in ("ADD", "MATMUL")]
+        sass_arch = (tmp_path / f"ADD-{arch}.arch").read_text()
+        assert sass_arch == {80: "SM80", 90: "SM90a"}[arch]
+        batched = report.disassemble(sass_arch, codes)
+        for name, sass in zip(("ADD", "MATMUL"), batched):
+            whole_cubin = report._run_tool("nvdisasm", "--print-code", str(tmp_path / f"{name}-{arch}.cubin"))
+            assert opcodes(sass) == opcodes(whole_cubin) and len(opcodes(sass)) > 20, (name, arch)
+        one_at_a_time = report.disassemble(sass_arch, codes[:1]) + report.disassemble(sass_arch, codes[1:])
+        assert [opcodes(sass) for sass in batched] == [opcodes(sass) for sass in one_at_a_time]
+        assert report.sass_profile(batched[1])["classes"].get("tensor_core")  # MATMUL's HMMA / HGMMA
+    with pytest.raises(ValueError, match="not a 64-bit ELF cubin"):
+        report.code_sections(b"PK\x03\x04 not an ELF file")
+
+
 def test_interpreted_kernels_compile_and_malformed_cases_fail_alone():
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -235,17 +278,25 @@ def test_a_dying_or_hung_worker_fails_only_its_own_case():
     assert hung.failures == ["did not compile: compilation timed out after 0.5 s"]
 
 
-def test_a_dropout_twin_over_its_expected_cost_fails_on_sm_90_only():
-    def rows(arch, total_with, total_without=1000, version="3.6.0"):
-        return [passing_row(arch, kernel="attn", sass={"total": total_without, "classes": {}}, triton_version=version),
+def test_a_dropout_twin_over_its_expected_cost_fails_on_either_arch():
+    def rows(arch, total_with, total_without=1000, version="3.6.0", shapes=("gpt2",)):
+        return [passing_row(arch, kernel="attn", sass={"total": total_without, "classes": {}}, triton_version=version,
+                            shapes=list(shapes)),
                 passing_row(arch, kernel="attn+dropout", sass={"total": total_with, "classes": {}},
-                            triton_version=version, expects_max_dropout_cost=1.5)]
+                            triton_version=version, expects_max_dropout_cost=1.5, shapes=list(shapes))]
+    # The ragged variant shares the config label (as N = 96 and N = 100 do at BLOCK_N = 128):
+    # each dropout row is held against the twin of its own shapes.
     built = report.Report(archs=[80, 90], case_count=2,
-                          results=rows("sm_90", 1500) + rows("sm_90", 1510, version="3.9.0") + rows("sm_80", 1900))
+                          results=rows("sm_90", 1500) + rows("sm_90", 600, 500, shapes=["ragged"])
+                          + rows("sm_90", 1510, version="3.9.0") + rows("sm_80", 1900))
     report._check_dropout_costs(built)
     failures = [r.failures for r in built.results if r.kernel == "attn+dropout"]
-    assert failures == [[], ["dropout costs 1.51× the SASS instructions of its p = 0 twin (1510 vs 1000), over 1.5×"],
-                        []]  # 1.5× exactly passes; sm_80 is not checked
+    assert failures == [[],  # 1.5× exactly passes
+                        [],  # 600 vs its own twin's 500 (keyed by config alone, the gpt2 row met this 500: 3×)
+                        ["dropout costs 1.51× the SASS instructions of its p = 0 twin (1510 vs 1000), over 1.5×"],
+                        ["dropout costs 1.90× the SASS instructions of its p = 0 twin (1900 vs 1000), over 1.5×"]]
+    assert [(pair["shapes"], pair["ratio"]) for pair in built.dropout_cost()] == [
+        (["gpt2"], 1.5), (["ragged"], 1.2), (["gpt2"], 1.51), (["gpt2"], 1.9)]
     lonely = report.Report(archs=[90], case_count=1, results=rows("sm_90", 1200)[1:])
     report._check_dropout_costs(lonely)
     assert lonely.results[0].failures == ["expects a dropout cost but its p = 0 twin is not in the report"]
