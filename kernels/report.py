@@ -228,7 +228,10 @@ def specialisation_key(case: CompileCase) -> str:
 def _run_tool(name: str, *args: str) -> str:
     """Run one of the NVIDIA tools Triton bundles (its knobs honour TRITON_<TOOL>_PATH)."""
     path = getattr(triton.knobs.nvidia, name).path
-    return subprocess.run([path, *args], check=True, capture_output=True, text=True).stdout
+    done = subprocess.run([path, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} exited {done.returncode}: {done.stderr.strip() or done.stdout.strip()[-500:]}")
+    return done.stdout
 
 
 def count_tensor_core_instructions(ptx: str, sass: str) -> dict[str, int]:
@@ -285,7 +288,7 @@ def sass_arch_of(ptx: str) -> str:
 
 
 # One instruction of nvdisasm's output, by its address: "        /*0a30*/   HGMMA..."
-_SASS_ADDRESS_RE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/", re.MULTILINE)
+_SASS_ADDRESS_RE = re.compile(r"^[ \t]*/\*([0-9a-f]{4,})\*/", re.MULTILINE)
 
 
 def disassemble(sass_arch: str, codes: list[bytes]) -> list[str]:
@@ -305,6 +308,21 @@ def disassemble(sass_arch: str, codes: list[bytes]) -> list[str]:
         lines[bisect.bisect_right(starts, int(found.group(1), 16)) - 1].append(
             text[found.start():line_end if line_end >= 0 else len(text)])
     return ["\n".join(blob) for blob in lines]
+
+
+def _disassemble_each(sass_arch: str, codes: list[bytes]) -> list:
+    """disassemble(), but a batch that fails is redone a kernel at a time, so one bad blob
+    fails its own row only: SASS text, or {"error": ...}, per code."""
+    try:
+        return disassemble(sass_arch, codes)
+    except Exception:
+        answers = []
+        for code in codes:
+            try:
+                answers.extend(disassemble(sass_arch, [code]))
+            except Exception as error:
+                answers.append({"error": _error_text(error)})
+        return answers
 
 
 def compile_case(case: CompileCase, arch: int) -> tuple[dict, MachineCode]:
@@ -369,14 +387,6 @@ def with_sass(measurements: dict, sass: str) -> dict:
             "sass": sass_profile(sass)}
 
 
-def measure_case(case: CompileCase, arch: int) -> dict:
-    """Compile one case for one arch and read all its measurements (the report batches
-    the disassembly instead). Raises on compile errors."""
-    measurements, machine_code = compile_case(case, arch)
-    [sass] = disassemble(machine_code.sass_arch, [machine_code.code])
-    return with_sass(measurements, sass)
-
-
 def _error_text(error: BaseException) -> str:
     # Triton's CompilationError text starts "at LINE:COL:" and needs no type name;
     # a ptxas error carries its whole log, so keep the JSON readable.
@@ -421,7 +431,7 @@ class KernelRef:
 def _worker_loop(connection, triton_site) -> None:
     """A compiler worker. Jobs, each answered {"error": ...} if it raises:
     ("compile", (case with a KernelRef, arch)) -> {"measurements": ..., "machine_code": MachineCode};
-    ("disassemble", (sass_arch, [code, ...])) -> {"sass": [SASS text, ...]};
+    ("disassemble", (sass_arch, [code, ...])) -> {"sass": [SASS text or {"error": ...}, ...]};
     ("keys", [cases]) -> {"keys": [(key or None, error or None), ...]}; None ends it."""
     # Triton 3.9 warns that its FP-fusion default changes in 3.10. The report compiles
     # with whatever default the library's own launches get; the warning would only
@@ -434,7 +444,7 @@ def _worker_loop(connection, triton_site) -> None:
             if kind == "keys":
                 outcome = {"keys": [_key_or_error(case) for case in payload]}
             elif kind == "disassemble":
-                outcome = {"sass": disassemble(*payload)}
+                outcome = {"sass": _disassemble_each(*payload)}
             else:
                 case, arch = payload
                 measurements, machine_code = compile_case(dataclasses.replace(case, fn=case.fn.load()), arch)
@@ -708,10 +718,11 @@ def _compile_and_disassemble(work: list[tuple[CompileCase, int]], workers: int, 
                         for sass_arch, members in batches]
     for (_, members), done in zip(batches, _run_in_workers(disassembly_jobs, workers, timeout, triton_site)):
         for position, index in enumerate(members):
-            if "error" in done:
-                outcomes[index] = {"error": f"nvdisasm failed: {done['error']}"}
+            sass = done["sass"][position] if "sass" in done else done
+            if isinstance(sass, dict):  # compiled, but nvdisasm could not read it
+                outcomes[index] = {"error": f"compiled, but its disassembly failed: {sass['error']}"}
             else:
-                outcomes[index] = {"measurements": with_sass(outcomes[index]["measurements"], done["sass"][position])}
+                outcomes[index] = {"measurements": with_sass(outcomes[index]["measurements"], sass)}
     return [outcomes[index] for index in range(len(work))]
 
 

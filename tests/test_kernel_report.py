@@ -240,6 +240,10 @@ def test_batched_disassembly_reads_each_kernel_as_nvdisasm_reads_its_cubin(tmp_p
         one_at_a_time = report.disassemble(sass_arch, codes[:1]) + report.disassemble(sass_arch, codes[1:])
         assert [opcodes(sass) for sass in batched] == [opcodes(sass) for sass in one_at_a_time]
         assert report.sass_profile(batched[1])["classes"].get("tensor_core")  # MATMUL's HMMA / HGMMA
+        # A truncated blob (half an instruction) fails its own row; the batch is redone without it.
+        *good, truncated = report._disassemble_each(sass_arch, codes + [b"\0" * 8])
+        assert [opcodes(sass) for sass in good] == [opcodes(sass) for sass in batched]
+        assert "truncated" in truncated["error"]
     with pytest.raises(ValueError, match="not a 64-bit ELF cubin"):
         report.code_sections(b"PK\x03\x04 not an ELF file")
 

@@ -1,7 +1,7 @@
 """Fused causal attention kernels: parity with float64 forward and backward, dropout, strided inputs.
 
 Without a GPU these run under the Triton interpreter with the pinned tile
-config (kernels/attention.py: pinned()), small enough that every T below crosses
+config (kernels/attention.py: pinned()), small enough that every T ≥ 64 below crosses
 several tiles (on sm_90 half-precision d = 64 pins the 64 × 64 wgmma tile: T ≥ 100 cross). bfloat16 is not tested here: the interpreter's tl.dot on bf16
 is broken (DESIGN.md, Triton issue 11584); the GPU run covers it.
 """
