@@ -14,7 +14,7 @@ read with the NVIDIA tools Triton bundles:
 - dynamic shared memory: Triton's ``metadata.shared`` (what the launcher requests);
 - the SASS (instruction mix, tensor-core shapes, TMA): ``nvdisasm`` of the cubin's
   code sections, many kernels per run once all are compiled (its start-up would
-  otherwise be most of the report's time);
+  otherwise be most of a small kernel's cost);
 - tensor-core instructions: HMMA/HGMMA/... opcodes in that SASS and
   ``mma.sync`` / ``wgmma.mma_async`` in the PTX.
 
