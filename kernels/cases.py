@@ -27,7 +27,7 @@ _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 # Constexprs that specialise a launch on its integers, as Triton's own "divisible by 16" does
 # (layer_norm's ROW_ALIGN: the power of two dividing the width and row strides). The catalogue
-# compiles them at the shapes it lists (GPT-2's widths and a ragged one); a launch matches a case
+# compiles them at the shapes it lists (GPT-2's widths and two ragged ones); a launch matches a case
 # whatever their value, as it does whatever its strides' divisibility.
 INTEGER_SPECIALISATIONS = frozenset({"ROW_ALIGN"})
 
