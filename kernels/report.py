@@ -687,16 +687,15 @@ def _bind_keys(cases: list[CompileCase], triton_site, timeout: float) -> list[tu
 DISASSEMBLY_BATCH = 32
 
 
-def _kernel_jobs(work: list[tuple[CompileCase, int]]) -> tuple[list, dict]:
-    """("compile", (case with a KernelRef, arch)) per (case, arch), and the outcome of
-    each that cannot become a job (its kernel cannot be imported by name)."""
-    jobs, failed = [], {}
+def _compile_jobs(work: list[tuple[CompileCase, int]]) -> tuple[dict, dict]:
+    """{index: ("compile", (case with a KernelRef, arch))} for each (case, arch) of work, and
+    {index: {"error": ...}} for each that cannot become a job (its kernel cannot be imported by name)."""
+    jobs, failed = {}, {}
     for index, (case, arch) in enumerate(work):
         try:
-            jobs.append(("compile", (dataclasses.replace(case, fn=KernelRef.of(case.fn)), arch)))
+            jobs[index] = ("compile", (dataclasses.replace(case, fn=KernelRef.of(case.fn)), arch))
         except Exception as error:
             failed[index] = {"error": _error_text(error)}
-            jobs.append(None)
     return jobs, failed
 
 
@@ -704,10 +703,8 @@ def _compile_and_disassemble(work: list[tuple[CompileCase, int]], workers: int, 
                              triton_site) -> list[dict]:
     """One outcome per (case, arch): {"measurements": ...} or {"error": ...}. Compiles on the
     workers, then disassembles the machine code there in batches of one SASS architecture."""
-    jobs, outcomes = _kernel_jobs(work)
-    runnable = [index for index, job in enumerate(jobs) if job is not None]
-    for index, outcome in zip(runnable, _run_in_workers([jobs[i] for i in runnable], workers, timeout, triton_site)):
-        outcomes[index] = outcome
+    jobs, outcomes = _compile_jobs(work)
+    outcomes.update(zip(jobs, _run_in_workers(list(jobs.values()), workers, timeout, triton_site)))
     by_arch: dict[str, list[int]] = {}
     for index, outcome in sorted(outcomes.items()):
         if "machine_code" in outcome:
@@ -718,8 +715,8 @@ def _compile_and_disassemble(work: list[tuple[CompileCase, int]], workers: int, 
                         for sass_arch, members in batches]
     for (_, members), done in zip(batches, _run_in_workers(disassembly_jobs, workers, timeout, triton_site)):
         for position, index in enumerate(members):
-            sass = done["sass"][position] if "sass" in done else done
-            if isinstance(sass, dict):  # compiled, but nvdisasm could not read it
+            sass = done["sass"][position] if "sass" in done else done  # else the worker died or hung
+            if isinstance(sass, dict):  # compiled, but its SASS could not be read
                 outcomes[index] = {"error": f"compiled, but its disassembly failed: {sass['error']}"}
             else:
                 outcomes[index] = {"measurements": with_sass(outcomes[index]["measurements"], sass)}
