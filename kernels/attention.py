@@ -39,7 +39,6 @@ tile has one writer: deterministic, no atomics. With BLOCK_N = 128 resident and
 BLOCK_M = 64 streamed rows, every d = 64 matmul is a wgmma with N ≥ 64 on sm_90.
 """
 
-import itertools
 import math
 from typing import Optional
 
@@ -47,20 +46,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import Config, Tuner
-from .cases import CompileCase, TensorArg
-from .dropout import MAX_DROPOUT_COST, keep_tile, quantize
+from .attention_configs import DELTA_BLOCK_M, FP32_HEAD_DIMS, HEAD_DIMS, arch_family, candidates, pinned
+from .autotune import Tuner
+from .dropout import keep_tile, quantize
 from .outputs import new_output
-from .runtime import device_mismatch, dot_precision, dropout_seed, on_device
+from .runtime import DTYPES, LOG2_E, device_mismatch, dot_precision, dropout_seed, on_device, run
 
 try:  # host-side tensor descriptors (TMA), Triton >= 3.3
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: pointers everywhere
     TensorDescriptor = None
 
-HEAD_DIMS = (32, 64, 128)
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_LOG2_E = 1.4426950408889634
 # Where the forward loads its tiles through TMA descriptors: "auto" (sm_90 and newer,
 # half precision, aligned), "always" (also under the interpreter: tests) or "never".
 TMA_POLICY = "auto"
@@ -288,107 +284,19 @@ def _attn_bwd_kernel(
 
 
 # ---------------------------------------------------------------- launch configuration
-
-# Tile configs, fastest-first by expectation (the first is the default where tuning
-# cannot run: CUDA-graph capture), by (arch family, head_dim, float32 operands?,
-# dropout?); None matches either. Every entry compiles for its architecture without
-# spills, with and without dropout, in Triton 3.6 and the installed one, and on
-# sm_90 every bf16/fp16 d = 64 matmul is a wgmma with N >= 64 (python -m
-# fastgpt.kernels.report checks all of it). Register pressure decides the lists:
-# with dropout's keep-mask live the forward drops the 128-key tile and the backward
-# its pipelining (the 128 × 64 tiles sit at 250+ registers); Ampere, without wgmma,
-# streams 32 queries in the backward. float32 operands (tf32x3: three TF32
-# products per dot) take small tiles: they are not a speed target.
-C = Config
-FWD_TABLE = {
-    ("sm90", 64, False, False): [C(128, 128, 8, 3), C(128, 64, 8, 3), C(128, 64, 8, 4), C(64, 64, 4, 3)],
-    ("sm90", 64, False, True): [C(128, 64, 8, 3), C(128, 64, 8, 4), C(64, 64, 4, 3)],
-    ("sm80", 64, False, None): [C(128, 64, 8, 3), C(128, 64, 8, 4), C(64, 64, 4, 3)],
-    ("sm90", 32, False, True): [C(64, 32, 4, 3)],
-    (None, 32, False, None): [C(128, 64, 8, 3), C(64, 32, 4, 3)],
-    (None, 128, False, None): [C(128, 64, 8, 3), C(64, 64, 4, 3)],
-    (None, 64, True, None): [C(32, 32, 4, 2)],
-    (None, 32, True, None): [C(32, 16, 4, 2)],
-}
-# Backward: BLOCK_N resident keys (dK/dV) and queries (dQ), BLOCK_M rows streamed; BLOCK_N % BLOCK_M == 0.
-BWD_TABLE = {
-    ("sm90", 64, False, False): [C(64, 128, 8, 2), C(64, 128, 8, 3), C(64, 128, 8, 1)],
-    ("sm90", 64, False, True): [C(64, 128, 8, 1)],
-    ("sm80", 64, False, None): [C(32, 128, 8, 2), C(16, 64, 4, 2)],
-    ("sm80", 32, False, True): [C(32, 64, 4, 2)],  # 32 x 128 costs 1.52x the p = 0 instructions there
-    (None, 32, False, None): [C(32, 128, 8, 2), C(32, 64, 4, 2)],
-    (None, 128, False, None): [C(32, 32, 4, 2), C(16, 32, 4, 2)],
-    (None, 64, True, None): [C(16, 32, 4, 2)],
-    (None, 32, True, None): [C(16, 64, 4, 2)],
-}
-TABLES = {"fwd": FWD_TABLE, "bwd": BWD_TABLE}
-ARCH_FAMILIES = {"sm80": 80, "sm90": 90}
-FP32_HEAD_DIMS = (32, 64)  # float32 at d = 128: every tf32x3 backward tile spills; use half precision
-
-
-def pinned(kind: str, head_dim: int, fp32: bool, family: str = "sm80") -> Config:
-    """The one config the tests and the interpreter run (FASTGPT_ATTENTION_PINNED=1 on a GPU too): small
-    tiles, so short sequences cross several tile edges. On sm_90 the half-precision d = 64 tiles are the
-    smallest wgmma ones (64 × 64, 4 warps), so the GPU tests run the tuned tiles' instruction shapes."""
-    if family == "sm90" and head_dim == 64 and not fp32:
-        return Config(64, 64, 4, 2 if kind == "fwd" else 1)  # the 2-stage backward spills with dropout
-    if kind == "fwd":
-        if fp32:
-            return Config(32, 16, 4, 2)
-        # d = 128 with dropout spills a word at 2 stages under Triton 3.9 (ptxas stops at 128 registers).
-        return Config(32, 32, 4, 1) if head_dim == 128 else Config(32, 32, 4, 2)
-    if fp32 and head_dim == 32:
-        return Config(16, 64, 4, 2)
-    # Half-precision d = 64 streams 32 queries: a 16-query dQ tile uses a quarter of each dropout Philox call.
-    return Config(32, 32, 4, 2) if head_dim == 64 and not fp32 else Config(16, 32, 4, 2)
-
-
-def configs(kind: str, family: str, head_dim: int, fp32: bool, dropout: bool) -> list:
-    """The tuned list for one case (the most specific table entry)."""
-    table = TABLES[kind]
-    for key in ((family, head_dim, fp32, dropout), (family, head_dim, fp32, None),
-                (None, head_dim, fp32, dropout), (None, head_dim, fp32, None)):
-        if key in table:
-            return table[key]
-    raise KeyError(f"no {kind} configs for {family} head_dim={head_dim} fp32={fp32} dropout={dropout}")
-
-
-del C
-DELTA_BLOCK_M = 32
-for _table in TABLES.values():
-    for _key, _configs in _table.items():
-        assert _key[0] in (None, *ARCH_FAMILIES), _key
-for _configs in list(BWD_TABLE.values()) + [[pinned("bwd", d, f, a)] for d in (32, 64, 128) for f in (False, True)
-                                             for a in ARCH_FAMILIES]:
-    assert all(c.block_n % c.block_m == 0 for c in _configs)  # the backward's loops rely on it
+# The tiles each launch may take: kernels/attention_configs.py; the tuner times them once per shape.
 
 TUNER = Tuner()
 use_config = TUNER.use_config  # use_config("fwd", Config(...)): one config for a kernel, in a with-block
-
-
-def arch_family(device: torch.device) -> str:
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
-        return "sm90"
-    return "sm80"
-
-
-def _candidates(kind, head_dim, dtype, dropout, device):
-    """The tuned list for this case, without configs whose shared memory cannot fit the device."""
-    listed = configs(kind, arch_family(device), head_dim, dtype == torch.float32, dropout)
-    if device.type != "cuda":
-        return listed
-    props = torch.cuda.get_device_properties(device)
-    limit = getattr(props, "shared_memory_per_block_optin", None) or props.shared_memory_per_block
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return [c for c in listed if c.shared_bytes(head_dim, itemsize) <= limit] or listed[-1:]
 
 
 def _choose(kind, q, dropout_p, launch):
     b, h, t, d = q.shape
     dropout = quantize(dropout_p)[0] > 0
     key = TUNER.key_for(kind + ("+dropout" if dropout else ""), d, q.dtype, t, b * h * triton.cdiv(t, 128), q.device)
-    return TUNER.choose(kind, key, _candidates(kind, d, q.dtype, dropout, q.device), launch,
-                        pinned(kind, d, q.dtype == torch.float32, arch_family(q.device)))
+    family = arch_family(q.device)
+    return TUNER.choose(kind, key, candidates(kind, family, d, q.dtype, dropout, q.device), launch,
+                        pinned(kind, d, q.dtype == torch.float32, family))
 
 
 def _strides(t):
@@ -410,7 +318,7 @@ def _problem(q, k, v) -> "str | None":
         return f"q/k/v shapes {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} (need (B, H, T, d) and (B, H, S, d))"
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         return f"keys {tuple(k.shape)} do not match queries {tuple(q.shape)} in batch, heads or head_dim"
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (need one of float32, float16, bfloat16 for all three)"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head_dim {q.shape[-1]} (supported: {', '.join(map(str, HEAD_DIMS))})"
@@ -464,12 +372,12 @@ def _descriptor(t, rows):
 
 
 # Each launch is described once, by a function returning (grid, positional
-# arguments, keyword arguments); the launchers below run it, and compile_cases()
-# hands the same description (on meta tensors of GPT-2's shapes) to the
-# ahead-of-time report, so the report compiles exactly the specialisation that
-# Triton's launcher builds.
+# arguments, keyword arguments); the launchers below run it (runtime.run), and the
+# compile catalogue (kernels/report/catalogue.py) hands the same description (on
+# meta tensors of GPT-2's shapes) to the ahead-of-time report, so the report
+# compiles exactly the specialisation that Triton's launcher builds.
 
-def _fwd_launch(q, k, v, o, lse, seed, dropout_p, config, precision=None, use_tma=None):
+def fwd_launch(q, k, v, o, lse, seed, dropout_p, config, precision=None, use_tma=None):
     b, h, t, d = q.shape
     s = k.shape[2]
     if use_tma is None:
@@ -479,14 +387,14 @@ def _fwd_launch(q, k, v, o, lse, seed, dropout_p, config, precision=None, use_tm
     grid = (b * h, triton.cdiv(t, config.block_m))
     threshold, keep_scale = quantize(dropout_p)
     args = (*tiles, lse, q if seed is None else seed, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            h, t, s, s - t, _LOG2_E / math.sqrt(d), threshold, keep_scale, math.log2(keep_scale))
+            h, t, s, s - t, LOG2_E / math.sqrt(d), threshold, keep_scale, math.log2(keep_scale))
     meta = dict(HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, HAS_DROPOUT=threshold > 0,
                 DOT_PRECISION=precision or dot_precision(q.dtype), USE_TMA=use_tma,
                 num_warps=config.num_warps, num_stages=config.num_stages)
     return grid, args, meta
 
 
-def _delta_launch(o, do, delta, dropout_p=0.0):
+def delta_launch(o, do, delta, dropout_p=0.0):
     b, h, t, d = o.shape
     grid = (triton.cdiv(t, DELTA_BLOCK_M), b * h)
     delta_scale = 1.0 / quantize(dropout_p)[1]
@@ -494,22 +402,17 @@ def _delta_launch(o, do, delta, dropout_p=0.0):
         HEAD_DIM=d, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
 
 
-def _bwd_launch(q, k, v, do, lse, delta, dq, dk, dv, seed, dropout_p, config, precision=None):
+def bwd_launch(q, k, v, do, lse, delta, dq, dk, dv, seed, dropout_p, config, precision=None):
     b, h, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
     threshold, _ = quantize(dropout_p)
     args = (q, k, v, do, lse, delta, dq, dk, dv, q if seed is None else seed,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *_strides(dk), *_strides(dv),
-            h, t, scale, scale * _LOG2_E, threshold)
+            h, t, scale, scale * LOG2_E, threshold)
     meta = dict(HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, HAS_DROPOUT=threshold > 0,
                 DOT_PRECISION=precision or dot_precision(q.dtype), num_warps=config.num_warps,
                 num_stages=config.num_stages)
     return (b * h, triton.cdiv(t, config.block_n)), args, meta
-
-
-def _run(kernel, launch):
-    grid, args, meta = launch
-    kernel[grid](*args, **meta)
 
 
 def _forward(q, k, v, dropout_p, seed):
@@ -521,7 +424,7 @@ def _forward(q, k, v, dropout_p, seed):
         return o, lse
 
     def launch(config):
-        _run(_attn_fwd_kernel, _fwd_launch(q, k, v, o, lse, seed, dropout_p, config))
+        run(_attn_fwd_kernel, fwd_launch(q, k, v, o, lse, seed, dropout_p, config))
 
     with on_device(q):
         launch(_choose("fwd", q, dropout_p, launch))
@@ -537,10 +440,10 @@ def _backward(do, q, k, v, o, lse, dropout_p, seed):
     delta = new_output((b, h, t), torch.float32, q.device)
 
     def launch(config):
-        _run(_attn_bwd_kernel, _bwd_launch(q, k, v, do, lse, delta, dq, dk, dv, seed, dropout_p, config))
+        run(_attn_bwd_kernel, bwd_launch(q, k, v, do, lse, delta, dq, dk, dv, seed, dropout_p, config))
 
     with on_device(q):
-        _run(_attn_bwd_delta_kernel, _delta_launch(o, do, delta, dropout_p))
+        run(_attn_bwd_delta_kernel, delta_launch(o, do, delta, dropout_p))
         launch(_choose("bwd", q, dropout_p, launch))
     return dq, dk, dv
 
@@ -555,7 +458,7 @@ def prefill_attention(q, k, v):
         return o
 
     def launch(config):
-        _run(_attn_fwd_kernel, _fwd_launch(q, k, v, o, lse, None, 0.0, config))
+        run(_attn_fwd_kernel, fwd_launch(q, k, v, o, lse, None, 0.0, config))
 
     with on_device(q):
         launch(_choose("fwd", q, 0.0, launch))
@@ -624,75 +527,3 @@ def causal_attention(q, k, v, dropout_p=0.0):
     # repeatable, and a captured CUDA graph draws a new one at every replay.
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None
     return torch.ops.fastgpt.causal_attention(q, k, v, dropout_p, seed)[0]
-
-
-# ---------------------------------------------------------------- ahead-of-time compile cases
-
-def _meta_qkv(dtype, b, t, h, d):
-    """q, k, v as the model hands them over: (B, H, T, d) views of (B, T, H·d) projections."""
-    return [torch.empty(b, t, h, d, dtype=dtype, device="meta").transpose(1, 2) for _ in range(3)]
-
-
-def _placeholder_descriptors(launch):
-    """The launch with its TMA descriptors' meta-tensor bases replaced by dtype-only placeholders
-    (a meta tensor has no address; the report needs only the dtype and the box)."""
-    grid, args, meta = launch
-    args = tuple(TensorDescriptor(TensorArg(a.base.dtype), a.shape, a.strides, a.block_shape)
-                 if TensorDescriptor is not None and isinstance(a, TensorDescriptor) else a for a in args)
-    return grid, args, meta
-
-
-def _configs_by_archs(kind, d, fp32, dropout):
-    """{config: the archs whose tuned list (or pinned tile) holds it}, in list order."""
-    found: dict = {}
-    for family, arch in ARCH_FAMILIES.items():
-        for config in configs(kind, family, d, fp32, dropout) + [pinned(kind, d, fp32, family)]:
-            found.setdefault(config, set()).add(arch)
-    return found
-
-
-def compile_cases() -> list:
-    """Every config the launchers can pick (each arch family's tuned list and the pinned one) × head_dim
-    × dtype × dropout (× both fp32 dot precisions, × TMA or pointers for the half-precision forward on
-    sm_90), launched on GPT-2's shapes (batch 8 × 1024 tokens, 768 wide) and on a ragged one (batch 1 ×
-    100 tokens). Every bf16/fp16 d = 64 tile sm_90 runs must be wgmma with N >= 64; TMA tiles must use TMA."""
-    cases = []
-    for dtype, dtype_name in _DTYPES.items():
-        fp32 = dtype == torch.float32
-        precisions = ("tf32x3", "tf32") if fp32 else (None,)
-        for d in FP32_HEAD_DIMS if fp32 else HEAD_DIMS:
-            h = 768 // d
-            for shape, (b, t) in (("gpt2 B=8 T=1024", (8, 1024)), ("ragged B=1 T=100", (1, 100))):
-                q, k, v = _meta_qkv(dtype, b, t, h, d)
-                o, do = _like_bthd(q), _like_bthd(q)
-                lse = torch.empty(b, h, t, dtype=torch.float32, device="meta")
-                seed = torch.empty(1, dtype=torch.int64, device="meta")
-                for precision, dropout_p in itertools.product(precisions, (0.0, 0.1)):
-                    drop = "+dropout" if dropout_p else ""
-                    label = f"{dtype_name}{'/' + precision if precision else ''} d={d}"
-                    run_seed = seed if dropout_p else None
-                    for kind in ("fwd", "bwd"):
-                        for config, on in _configs_by_archs(kind, d, fp32, dropout_p > 0).items():
-                            archs = None if on == set(ARCH_FAMILIES.values()) else tuple(sorted(on))
-                            tuned_n64 = 64 if not fp32 and d == 64 else None  # every tile sm_90 runs
-                            variants = [False] + ([True] if kind == "fwd" and not fp32 and 90 in on
-                                                  and TensorDescriptor is not None else [])
-                            for use_tma in variants:
-                                if kind == "fwd":
-                                    launch = _placeholder_descriptors(_fwd_launch(
-                                        q, k, v, o, lse, run_seed, dropout_p, config, precision, use_tma))
-                                    fn = _attn_fwd_kernel
-                                else:
-                                    launch = _bwd_launch(q, k, v, do, lse, lse, q, k, v, run_seed, dropout_p, config,
-                                                         precision)
-                                    fn = _attn_bwd_kernel
-                                cases.append(CompileCase.of_launch(
-                                    f"attention_{kind}{drop}", fn, launch, shape=shape,
-                                    config=f"{label} {config!r}{' TMA' if use_tma else ''}",
-                                    expects_tensor_cores=True, archs=(90,) if use_tma else archs,
-                                    expects_min_wgmma_n=tuned_n64, expects_tma=use_tma,
-                                    expects_max_dropout_cost=MAX_DROPOUT_COST if dropout_p else None))
-                cases.append(CompileCase.of_launch(
-                    "attention_bwd_delta", _attn_bwd_delta_kernel, _delta_launch(o, do, lse),
-                    config=f"{dtype_name} d={d} BLOCK_M={DELTA_BLOCK_M} warps=4", shape=shape))
-    return cases

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .runtime import interpreter_on, sm_count
+
 TUNE_CACHE_ENV = "FASTGPT_TUNE_CACHE"
 PINNED_ENV = "FASTGPT_ATTENTION_PINNED"
 _CACHE_FORMAT = "fastgpt-tune-cache-1"
@@ -71,10 +73,6 @@ def fill_bucket(programs: int, sms: int) -> int:
     return max(-2, min(3, round(math.log2(max(programs, 1) / max(sms, 1)))))
 
 
-def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _capturing_or_tracing() -> bool:
     if torch.compiler.is_compiling():
         return True
@@ -82,10 +80,8 @@ def _capturing_or_tracing() -> bool:
 
 
 def _device_name_and_sms(device: torch.device) -> tuple[str, int]:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return props.name, props.multi_processor_count
-    return device.type, 1
+    name = torch.cuda.get_device_properties(device).name if device.type == "cuda" else device.type
+    return name, sm_count(device, elsewhere=1)
 
 
 def _is_sticky_cuda_error(error: Exception) -> bool:

@@ -11,15 +11,13 @@ So the gradient is bit-for-bit repeatable (no atomics) and costs one small
 launch instead of a torch ``sum`` and a cast per parameter.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from .cases import CompileCase
+from .runtime import run
 
 BLOCK_N = 128  # columns per program
 BLOCK_P = 16   # table rows summed per step
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @triton.jit(do_not_specialize=["rows"])
@@ -51,21 +49,4 @@ def launch(partial, out, partial2=None, out2=None):
 def column_sum_(partial, out, partial2=None, out2=None) -> None:
     """out[:] = partial.sum(0) (and out2[:] = partial2.sum(0)), deterministically. The caller makes
     the device current (kernels/runtime.py on_device)."""
-    grid, args, meta = launch(partial, out, partial2, out2)
-    _column_sum_kernel[grid](*args, **meta)
-
-
-def compile_cases() -> list:
-    """One and two tables, into each parameter dtype, on 4 × 132 programs' partials of GPT-2's widths
-    and of a ragged one."""
-    cases = []
-    for dtype, name in _DTYPES.items():
-        for n in (768, 3072, 100):
-            partial = torch.empty(4 * 132, n, dtype=torch.float32, device="meta")
-            out = torch.empty(n, dtype=dtype, device="meta")
-            for two in (False, True):
-                cases.append(CompileCase.of_launch(
-                    f"column_sum{'+2' if two else ''}", _column_sum_kernel,
-                    launch(partial, out, partial if two else None, out if two else None),
-                    config=f"{name} BLOCK_N={BLOCK_N}", shape=f"{'ragged' if n == 100 else 'gpt2'} N={n}"))
-    return cases
+    run(_column_sum_kernel, launch(partial, out, partial2, out2))

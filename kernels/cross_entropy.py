@@ -20,12 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .cases import CompileCase
 from .outputs import new_output
-from .runtime import on_device, same_device
+from .runtime import DTYPES, on_device, run, same_device
 
 NUM_WARPS = 8
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Columns per step: GPT-2's 50,257-wide rows take 4096 (8 float32 per thread at
 # 8 warps); narrow test vocabularies take 1024. These two are all we launch.
 BLOCKS = (1024, 4096)
@@ -72,7 +70,7 @@ def _cross_entropy_rows_kernel(
 
 def supports(dtype: torch.dtype) -> "str | None":
     """None when the kernel takes logits of this dtype, else why not."""
-    if dtype not in _DTYPES:
+    if dtype not in DTYPES:
         return f"logits dtype {dtype} (supported: float32, float16, bfloat16)"
     return None
 
@@ -82,7 +80,7 @@ def supports_loss(hidden: torch.Tensor, compute_dtype: torch.dtype) -> "str | No
     return supports(compute_dtype)
 
 
-def _launch(logits, targets, losses, scale, ignore_index: int, compute_grad: bool):
+def launch(logits, targets, losses, scale, ignore_index: int, compute_grad: bool):
     rows, n_cols = logits.shape
     args = (logits, targets, losses, scale, logits.stride(0), n_cols, ignore_index)
     return (rows,), args, dict(COMPUTE_GRAD=compute_grad, BLOCK=block_for(n_cols), num_warps=NUM_WARPS)
@@ -94,8 +92,7 @@ def cross_entropy_rows_op(logits: torch.Tensor, targets: torch.Tensor, scale: to
     losses = new_output((logits.shape[0],), torch.float32, logits.device)
     if logits.shape[0]:
         with on_device(logits):
-            grid, args, meta = _launch(logits, targets, losses, scale, ignore_index, compute_grad)
-            _cross_entropy_rows_kernel[grid](*args, **meta)
+            run(_cross_entropy_rows_kernel, launch(logits, targets, losses, scale, ignore_index, compute_grad))
     return losses
 
 
@@ -119,27 +116,3 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, scale: torch
         raise ValueError(f"cross_entropy: targets must have shape ({logits.shape[0]},), got {tuple(targets.shape)}")
     return cross_entropy_rows_op(logits, targets.to(torch.int64), scale.to(torch.float32).reshape(1), ignore_index,
                                  compute_grad)
-
-
-# ---------------------------------------------------------------- ahead-of-time compile cases
-
-# (label, rows, vocabulary): a chunk of GPT-2's logits (BLOCK 4096) and a narrow test
-# vocabulary (BLOCK 1024). Rows only set the grid; the compiled variant is the same.
-_SHAPES = (("gpt2 chunk 256×50257", 256, 50257), ("ragged 37×97", 37, 97))
-
-
-def compile_cases() -> list:
-    """Every dtype × block × with/without the gradient pass."""
-    cases = []
-    for dtype, t in _DTYPES.items():
-        for shape, rows, n_cols in _SHAPES:
-            logits = torch.empty(rows, n_cols, dtype=dtype, device="meta")
-            targets = torch.empty(rows, dtype=torch.int64, device="meta")
-            losses = torch.empty(rows, dtype=torch.float32, device="meta")
-            scale = torch.empty(1, dtype=torch.float32, device="meta")
-            for compute_grad in (False, True):
-                launch = _launch(logits, targets, losses, scale, -100, compute_grad)
-                cases.append(CompileCase.of_launch(
-                    "cross_entropy_rows" + ("+grad" if compute_grad else ""), _cross_entropy_rows_kernel, launch,
-                    config=f"{t} BLOCK={launch[2]['BLOCK']} warps={NUM_WARPS}", shape=shape))
-    return cases

@@ -21,7 +21,6 @@ blocks allow. Only the real query rows of each partial result
 are written (one row per chunk when decoding one token).
 """
 
-import itertools
 import math
 
 import torch
@@ -29,9 +28,8 @@ import triton
 import triton.language as tl
 
 from . import attention
-from .cases import CompileCase
 from .outputs import new_output
-from .runtime import device_mismatch, dot_precision, on_device
+from .runtime import DTYPES, LOG2_E, device_mismatch, dot_precision, on_device, run, sm_count
 
 BLOCK_Q = 16   # queries per tile (padded): tl.dot needs 16 rows
 BLOCK_NS = (64, 32, 16)  # keys per step, largest first: smaller only where the cache is too short to split
@@ -44,8 +42,6 @@ MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4  # enough loads in flight per SM to keep HBM busy
 NUM_WARPS = 4
 HEAD_DIMS = (32, 64, 128)
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_LOG2_E = 1.4426950408889634
 
 
 @triton.jit(do_not_specialize=["TQ", "S", "num_splits"])
@@ -126,7 +122,7 @@ def supports(q, k, v, dropout_p=0.0) -> "str | None":
         return f"cache shape {tuple(k.shape)} does not match queries {tuple(q.shape)}"
     if not 1 <= tq <= k.shape[2]:
         return f"{tq} query tokens over {k.shape[2]} cached positions (need 1 .. the cache length)"
-    if q.dtype not in _DTYPES or k.dtype not in _DTYPES or v.dtype != k.dtype:
+    if q.dtype not in DTYPES or k.dtype not in DTYPES or v.dtype != k.dtype:
         return f"dtypes {q.dtype}/{k.dtype}/{v.dtype}"
     if q.dtype != k.dtype and not torch.is_autocast_enabled(q.device.type):
         # Under autocast the queries come half precision from a Linear while the cache keeps
@@ -173,33 +169,20 @@ def plan(bh: int, s: int, sms: int, block_ns: tuple = BLOCK_NS) -> tuple[int, in
     return block_n, splits, triton.cdiv(blocks, splits) * block_n
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        # The interpreter plans for a pretend 4-SM GPU: a few chunks, enough to exercise
-        # the merge and, for short caches, the 32- and 16-key steps.
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _partial_launch(q, k, v, o_part, l_part, block_n, splits, split_len, precision=None):
+def partial_launch(q, k, v, o_part, l_part, block_n, splits, split_len, precision=None):
     b, h, tq, d = q.shape
     args = (q, k, v, o_part, l_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            h, tq, k.shape[2], split_len, splits, _LOG2_E / math.sqrt(d))
+            h, tq, k.shape[2], split_len, splits, LOG2_E / math.sqrt(d))
     meta = dict(HEAD_DIM=d, BLOCK_Q=BLOCK_Q, BLOCK_N=block_n, DOT_PRECISION=precision or dot_precision(q.dtype),
                 num_warps=NUM_WARPS)
     return (splits, b * h), args, meta
 
 
-def _merge_launch(o_part, l_part, out, splits):
+def merge_launch(o_part, l_part, out, splits):
     b, h, tq, d = out.shape
     args = (o_part, l_part, out, *out.stride()[:3], h, tq, splits)
     meta = dict(HEAD_DIM=d, BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=NUM_WARPS)
     return (tq, b * h), args, meta
-
-
-def _run(kernel, launch):
-    grid, args, meta = launch
-    kernel[grid](*args, **meta)
 
 
 @torch.library.custom_op("fastgpt::decode_attention", mutates_args=())
@@ -209,12 +192,15 @@ def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     out = new_output((b, tq, h, d), q.dtype, q.device).transpose(1, 2)
     if out.numel() == 0:
         return out
-    block_n, splits, split_len = plan(b * h, k.shape[2], _sm_count(q.device), block_sizes(k.dtype))
+    # The interpreter plans for a pretend 4-SM GPU: a few chunks, enough to exercise
+    # the merge and, for short caches, the 32- and 16-key steps.
+    sms = sm_count(q.device, elsewhere=4)
+    block_n, splits, split_len = plan(b * h, k.shape[2], sms, block_sizes(k.dtype))
     o_part = new_output((b * h, splits, tq, d), torch.float32, q.device)
     l_part = new_output((b * h, splits, tq), torch.float32, q.device)
     with on_device(q):
-        _run(_decode_partial_kernel, _partial_launch(q, k, v, o_part, l_part, block_n, splits, split_len))
-        _run(_decode_merge_kernel, _merge_launch(o_part, l_part, out, splits))
+        run(_decode_partial_kernel, partial_launch(q, k, v, o_part, l_part, block_n, splits, split_len))
+        run(_decode_merge_kernel, merge_launch(o_part, l_part, out, splits))
     return out
 
 
@@ -231,35 +217,3 @@ def decode_attention(q, k, v, dropout_p=0.0):
     if q.shape[2] > BLOCK_Q:
         return torch.ops.fastgpt.prefill_attention(q.to(k.dtype), k, v).to(q.dtype)
     return torch.ops.fastgpt.decode_attention(q.to(k.dtype), k, v).to(q.dtype)
-
-
-def compile_cases() -> list:
-    """The partial kernel per dtype × head size × key step, and the merge per chunk-count bucket,
-    launched on one decoding step of GPT-2 (batch 8, a 1024-slot cache holding 1000 tokens)."""
-    cases = []
-    for dtype, t in _DTYPES.items():
-        for d in HEAD_DIMS:
-            h = 768 // d
-            q = torch.empty(8, 1, h, d, dtype=dtype, device="meta").transpose(1, 2)
-            cache = torch.empty(8, h, 1024, d, dtype=dtype, device="meta")[:, :, :1000]
-            for block_n, precision in itertools.product(block_sizes(dtype),
-                                                        ("tf32x3", "tf32") if t == "fp32" else (None,)):
-                splits = 8
-                o_part = torch.empty(8 * h, splits, 1, d, dtype=torch.float32, device="meta")
-                l_part = torch.empty(8 * h, splits, 1, dtype=torch.float32, device="meta")
-                cases.append(CompileCase.of_launch(
-                    "decode_attention_partial", _decode_partial_kernel,
-                    _partial_launch(q, cache, cache, o_part, l_part, block_n, splits, block_n * 2, precision),
-                    config=f"{t}{'/' + precision if precision else ''} d={d} BLOCK_Q={BLOCK_Q} BLOCK_N={block_n} "
-                           f"warps={NUM_WARPS}",
-                    shape="gpt2 B=8 S=1000", expects_tensor_cores=True))
-            for splits in (2, 4, 8, 16, 32, 64):
-                o_part = torch.empty(8 * h, splits, 1, d, dtype=torch.float32, device="meta")
-                l_part = torch.empty(8 * h, splits, 1, dtype=torch.float32, device="meta")
-                out = torch.empty(8, 1, h, d, dtype=dtype, device="meta").transpose(1, 2)
-                launch = _merge_launch(o_part, l_part, out, splits)
-                cases.append(CompileCase.of_launch(
-                    "decode_attention_merge", _decode_merge_kernel, launch,
-                    config=f"{t} d={d} BLOCK_SPLITS={launch[2]['BLOCK_SPLITS']} warps={NUM_WARPS}",
-                    shape="gpt2 B=8 S=1000"))
-    return cases

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 DROPOUT_LEVELS = 256  # one byte per decision
-# Every kernel's X+dropout case, sm_80 and sm_90: SASS at most this × its p = 0 twin's (the report checks it).
+# An X+dropout launch may cost at most this × the SASS instructions of its p = 0 twin, on sm_80 and sm_90
+# (the report checks every case the catalogue holds to it: kernels/report/catalogue.py).
 MAX_DROPOUT_COST = 1.5
 
 

@@ -24,14 +24,12 @@ import triton
 import triton.language as tl
 
 from . import column_sum
-from .cases import CompileCase
 from .outputs import new_output
-from .runtime import device_mismatch, on_device
+from .runtime import DTYPES, device_mismatch, on_device, run
 
 BLOCK = 1024
 NUM_WARPS = 4
 BIAS_ROWS = 32  # rows per program of the bias backward (its partial sums: one row per program)
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @triton.jit
@@ -86,7 +84,7 @@ def _bias_gelu_bwd_kernel(DY, X, BIAS, DX, DBIAS_PARTIAL, M, N, ROWS: tl.constex
 
 
 def supports(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "str | None":
-    if x.dtype not in _DTYPES:
+    if x.dtype not in DTYPES:
         return f"dtype {x.dtype} (supported: float32, float16, bfloat16)"
     if bias is not None:
         if (problem := device_mismatch(input=x, bias=bias)) is not None:
@@ -102,7 +100,7 @@ def supports(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "str | Non
 
 def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor) -> "torch.dtype | None":
     """The dtype autocast gives F.linear(x, weight), or None where autocast leaves it alone."""
-    if x.dtype in _DTYPES and weight.dtype in _DTYPES and torch.is_autocast_enabled(x.device.type):
+    if x.dtype in DTYPES and weight.dtype in DTYPES and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return None
 
@@ -121,37 +119,32 @@ def supports_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     # The kernel sees the matmul's output (last dim weight.shape[0]) and, under
     # autocast, the bias cast to its dtype by the launcher, as F.linear casts it.
     matmul_out = x.new_empty((0, weight.shape[0]), dtype=autocast_dtype or x.dtype)
-    return supports(matmul_out, bias if autocast_dtype is None or bias is None or bias.dtype not in _DTYPES
+    return supports(matmul_out, bias if autocast_dtype is None or bias is None or bias.dtype not in DTYPES
                     else bias.new_empty(bias.shape, dtype=autocast_dtype))
 
 
 # ---------------------------------------------------------------- launches
 #
 # Each launch is described once, as (grid, positional arguments, keyword arguments):
-# the launchers run it, and compile_cases() gives the same description, on meta
-# tensors of real shapes, to the ahead-of-time report.
+# the launchers run it (runtime.run), and the compile catalogue (kernels/report/catalogue.py)
+# gives the same description, on meta tensors of real shapes, to the ahead-of-time report.
 
-def _fwd_launch(x, bias, y):
+def fwd_launch(x, bias, y):
     n_elements = x.numel()
     args = (x, x if bias is None else bias, y, n_elements, x.shape[-1] if x.dim() else 1)
     return (triton.cdiv(n_elements, BLOCK),), args, dict(HAS_BIAS=bias is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
-def _bwd_launch(dy, x, dx):
+def bwd_launch(dy, x, dx):
     n_elements = x.numel()
     return (triton.cdiv(n_elements, BLOCK),), (dy, x, dx, n_elements), dict(BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
-def _bias_bwd_launch(dy, x, bias, dx, partial):
+def bias_bwd_launch(dy, x, bias, dx, partial):
     n = x.shape[-1]
     m = x.numel() // n
     grid = (triton.cdiv(m, BIAS_ROWS), triton.cdiv(n, BLOCK))
     return grid, (dy, x, bias, dx, partial, m, n), dict(ROWS=BIAS_ROWS, BLOCK=BLOCK, num_warps=NUM_WARPS)
-
-
-def _run(kernel, launch):
-    grid, args, meta = launch
-    kernel[grid](*args, **meta)
 
 
 # ---------------------------------------------------------------- torch.library ops + autograd
@@ -162,7 +155,7 @@ def gelu_op(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     y = new_output(x.shape, x.dtype, x.device)
     if x.numel():
         with on_device(x):
-            _run(_gelu_fwd_kernel, _fwd_launch(x, bias, y))
+            run(_gelu_fwd_kernel, fwd_launch(x, bias, y))
     return y
 
 
@@ -181,12 +174,12 @@ def gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Ten
     with on_device(x):
         if bias is None:
             if x.numel():
-                _run(_gelu_bwd_kernel, _bwd_launch(dy, x, dx))
+                run(_gelu_bwd_kernel, bwd_launch(dy, x, dx))
             return dx, dbias
         m = x.numel() // x.shape[-1]
         partial = new_output((triton.cdiv(m, BIAS_ROWS), x.shape[-1]), torch.float32, x.device)
         if m:
-            _run(_bias_gelu_bwd_kernel, _bias_bwd_launch(dy, x, bias, dx, partial))
+            run(_bias_gelu_bwd_kernel, bias_bwd_launch(dy, x, bias, dx, partial))
         column_sum.column_sum_(partial, dbias)
     return dx, dbias
 
@@ -223,27 +216,3 @@ def linear_gelu(x, weight, bias=None):
     # Under autocast z is half precision while the bias stays float32: cast it as
     # F.linear would, so the kernel sees one dtype (the compile catalogue's cases).
     return torch.ops.fastgpt.gelu(z, None if bias is None else bias.to(z.dtype))
-
-
-# ---------------------------------------------------------------- ahead-of-time compile cases
-
-def compile_cases() -> list:
-    """Forward and backward, with and without the fused bias, per dtype, launched on GPT-2 small's
-    MLP activations (8 × 1024 tokens × 3072) and on a ragged width (100 tokens × 100)."""
-    cases = []
-    for dtype, t in _DTYPES.items():
-        for shape, (m, n) in (("gpt2 M=8192 N=3072", (8192, 3072)), ("ragged M=100 N=100", (100, 100))):
-            x = torch.empty(m, n, dtype=dtype, device="meta")
-            bias = torch.empty(n, dtype=dtype, device="meta")
-            partial = torch.empty(triton.cdiv(m, BIAS_ROWS), n, dtype=torch.float32, device="meta")
-            label = f"{t} BLOCK={BLOCK} warps={NUM_WARPS}"
-            for b in (None, bias):
-                cases.append(CompileCase.of_launch(f"gelu_fwd{'' if b is None else '+bias'}", _gelu_fwd_kernel,
-                                                   _fwd_launch(x, b, x), config=label, shape=shape))
-            cases.append(CompileCase.of_launch("gelu_bwd", _gelu_bwd_kernel, _bwd_launch(x, x, x),
-                                               config=label, shape=shape))
-            cases.append(CompileCase.of_launch("gelu_bwd+bias", _bias_gelu_bwd_kernel,
-                                               _bias_bwd_launch(x, x, bias, x, partial),
-                                               config=f"{t} ROWS={BIAS_ROWS} BLOCK={BLOCK} warps={NUM_WARPS}",
-                                               shape=shape))
-    return cases

@@ -35,14 +35,12 @@ import triton
 import triton.language as tl
 
 from . import column_sum
-from .cases import CompileCase
-from .dropout import MAX_DROPOUT_COST, keep_row, quantize
+from .dropout import keep_row, quantize
 from .outputs import new_output
-from .runtime import device_mismatch, dropout_seed, on_device
+from .runtime import DTYPES, device_mismatch, dropout_seed, on_device, run, sm_count
 
 MAX_N = 4096       # widest row one program holds in registers (8192 spilled in the backward)
 _MIN_BLOCK_N = 128  # narrower rows are padded (masked) to this width
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 BACKWARD_STAGES = 2  # row loads of the backward in flight ahead of the row being reduced
 
 
@@ -160,10 +158,8 @@ def num_warps_for(block: int) -> int:
 
 
 def _backward_programs(m: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(m, 4 * sms))
-    return max(1, min(m, 4))  # the interpreter: few programs, each looping over rows
+    # 4 programs per SM; the interpreter: few programs, each looping over rows.
+    return max(1, min(m, 4 * sm_count(device, elsewhere=1)))
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -178,7 +174,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *rest) -
     if x.dim() == 0:
         return "a 0-dimensional input (LayerNorm normalises over the last dimension)"
     for name, t in (("input", x), ("weight", weight), ("bias", bias)):
-        if t.dtype not in _DTYPES:
+        if t.dtype not in DTYPES:
             return f"{name} dtype {t.dtype} (supported: float32, float16, bfloat16)"
     if (problem := device_mismatch(input=x, weight=weight, bias=bias)) is not None:
         return problem
@@ -195,7 +191,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *rest) -
 def supports_dropout_add(x, branch, weight, bias, *rest) -> "str | None":
     if branch.shape != x.shape:
         return f"branch shape {tuple(branch.shape)} != residual shape {tuple(x.shape)}"
-    if branch.dtype not in _DTYPES:
+    if branch.dtype not in DTYPES:
         return f"branch dtype {branch.dtype} (supported: float32, float16, bfloat16)"
     if (problem := device_mismatch(residual=x, branch=branch)) is not None:
         return problem
@@ -203,10 +199,11 @@ def supports_dropout_add(x, branch, weight, bias, *rest) -> "str | None":
 
 
 # Each launch is described once, as (grid, positional arguments, keyword
-# arguments): the launchers run it, and compile_cases() gives the same
-# description, on meta tensors of real shapes, to the ahead-of-time report.
+# arguments): the launchers run it (runtime.run), and the compile catalogue
+# (kernels/report/catalogue.py) gives the same description, on meta tensors of
+# real shapes, to the ahead-of-time report.
 
-def _fwd_launch(x2, branch2, h, y, weight, bias, mean, rstd, seed, eps, dropout_p):
+def fwd_launch(x2, branch2, h, y, weight, bias, mean, rstd, seed, eps, dropout_p):
     m, n = x2.shape
     block = block_n(n)
     threshold, keep_scale = quantize(dropout_p)
@@ -218,7 +215,7 @@ def _fwd_launch(x2, branch2, h, y, weight, bias, mean, rstd, seed, eps, dropout_
     return (m,), args, meta
 
 
-def _bwd_launch(dy2, h2, weight, mean, rstd, dh_in2, dx, dbranch, dw_partial, db_partial, seed, dropout_p):
+def bwd_launch(dy2, h2, weight, mean, rstd, dh_in2, dx, dbranch, dw_partial, db_partial, seed, dropout_p):
     m, n = h2.shape
     programs = dw_partial.shape[0]
     block = block_n(n)
@@ -234,11 +231,6 @@ def _bwd_launch(dy2, h2, weight, mean, rstd, dh_in2, dx, dbranch, dw_partial, db
     return (programs,), args, meta
 
 
-def _run(kernel, launch):
-    grid, args, meta = launch
-    kernel[grid](*args, **meta)
-
-
 def _forward(x, branch, weight, bias, eps, dropout_p, seed):
     shape, n = x.shape, x.shape[-1]
     x2 = _as_rows(x)
@@ -250,8 +242,7 @@ def _forward(x, branch, weight, bias, eps, dropout_p, seed):
     rstd = new_output(m, torch.float32, x.device)
     if m:
         with on_device(x):
-            _run(_layer_norm_fwd_kernel, _fwd_launch(x2, branch2, h, y, weight, bias, mean, rstd, seed, eps,
-                                                     dropout_p))
+            run(_layer_norm_fwd_kernel, fwd_launch(x2, branch2, h, y, weight, bias, mean, rstd, seed, eps, dropout_p))
     return h.view(shape), y.view(shape), mean, rstd
 
 
@@ -270,8 +261,8 @@ def _backward(dy, h, weight, mean, rstd, dh_in, dropout_p, seed, branch_dtype=No
     dw, db = new_output(n, weight.dtype, h.device), new_output(n, weight.dtype, h.device)
     with on_device(h):
         if m:
-            _run(_layer_norm_bwd_kernel, _bwd_launch(dy2, h2, weight, mean, rstd, dh_in2, dx, dbranch,
-                                                     dw_partial, db_partial, seed, dropout_p))
+            run(_layer_norm_bwd_kernel, bwd_launch(dy2, h2, weight, mean, rstd, dh_in2, dx, dbranch,
+                                                   dw_partial, db_partial, seed, dropout_p))
         else:
             dw_partial.zero_()
             db_partial.zero_()
@@ -394,67 +385,3 @@ def dropout_add_layer_norm(x, branch, weight, bias, eps, dropout_p):
     x = x.to(torch.promote_types(x.dtype, branch.dtype))
     h, y, _, _ = torch.ops.fastgpt.dropout_add_layer_norm(x, branch, weight, bias, eps, dropout_p, seed)
     return h, y
-
-
-# ---------------------------------------------------------------- ahead-of-time compile cases
-
-# (residual, branch, weight) dtypes launched: one dtype throughout, or a half-precision
-# branch into a float32 residual with float32 weights (autocast). The plain LayerNorm
-# also takes half-precision activations with float32 weights.
-_HALF = (torch.float16, torch.bfloat16)
-_FUSED_DTYPES = [(t, t, t) for t in _DTYPES] + [(torch.float32, t, torch.float32) for t in _HALF]
-_PLAIN_DTYPES = [(t, t) for t in _DTYPES] + [(t, torch.float32) for t in _HALF]
-# Row widths: one per block size (GPT-2 small's 768 and XL's 1600 among them), plus two ragged
-# ones: 100 (rows 4-element aligned: ROW_ALIGN 4) and 99 (unaligned: ROW_ALIGN 1).
-_WIDTHS = {"gpt2": (96, 192, 384, 768, 1600, 3072), "ragged": (99, 100)}
-
-
-def _meta(*shape, dtype):
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
-
-def compile_cases() -> list:
-    """Every specialisation the launchers produce: dtypes × row width (one per block size) × fusion flags,
-    launched on 8 × 1024 rows of the widths above (and 100 rows of the ragged ones)."""
-    cases = []
-    seed = _meta(1, dtype=torch.int64)
-    for shape, widths in _WIDTHS.items():
-        for n in widths:
-            block = block_n(n)
-            m = 8 * 1024 if shape == "gpt2" else 100
-            where = f"{shape} M={m} N={n}"
-            stats = _meta(m, dtype=torch.float32)
-            partial = _meta(4 * 132, n, dtype=torch.float32)
-
-            def label(x_dtype, branch_dtype, w_dtype):
-                names = ([_DTYPES[x_dtype]] + ([f"branch {_DTYPES[branch_dtype]}"] if branch_dtype != x_dtype else [])
-                         + ([f"weights {_DTYPES[w_dtype]}"] if w_dtype != x_dtype else []))
-                return f"{' '.join(names)} BLOCK_N={block} warps={num_warps_for(block)}"
-
-            def add(fused, x_dtype, branch_dtype, w_dtype, p):
-                x, w, branch = _meta(m, n, dtype=x_dtype), _meta(n, dtype=w_dtype), _meta(m, n, dtype=branch_dtype)
-                has_branch = fused != ""
-                own_dbranch = has_branch and (p > 0 or branch_dtype != x_dtype)
-                config = label(x_dtype, branch_dtype, w_dtype)
-                # Held to the dropout cost limit, but for the unaligned width: its 1-element vectors
-                # put 4 Philox calls in each thread (1.51x on sm_80 under Triton 3.9). It is compiled
-                # (every case is checked for spills) and its cost printed, not held.
-                cost = MAX_DROPOUT_COST if p and row_alignment(n) > 1 else None
-                cases.append(CompileCase.of_launch(
-                    f"layer_norm_fwd{fused}", _layer_norm_fwd_kernel,
-                    _fwd_launch(x, branch if has_branch else x, x, x, w, w, stats, stats, seed if p else None, 1e-5, p),
-                    config=config, shape=where, expects_max_dropout_cost=cost))
-                cases.append(CompileCase.of_launch(
-                    f"layer_norm_bwd{fused}", _layer_norm_bwd_kernel,
-                    _bwd_launch(x, x, w, stats, stats, x if has_branch else None, x,
-                                branch if own_dbranch else None, partial, partial, seed if p else None, p),
-                    config=config, shape=where, expects_max_dropout_cost=cost))
-
-            for x_dtype, w_dtype in _PLAIN_DTYPES:
-                if shape == "gpt2" or w_dtype == x_dtype:
-                    add("", x_dtype, x_dtype, w_dtype, 0.0)
-            for x_dtype, branch_dtype, w_dtype in _FUSED_DTYPES:
-                if shape == "gpt2" or branch_dtype == x_dtype:
-                    add("+add", x_dtype, branch_dtype, w_dtype, 0.0)
-                    add("+add+dropout", x_dtype, branch_dtype, w_dtype, 0.1)
-    return cases

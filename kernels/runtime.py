@@ -1,4 +1,4 @@
-"""What every kernel launcher needs besides the kernel: the device, fp32 dot precision, dropout seeds.
+"""What every kernel launcher needs besides the kernel: the device, fp32 dot precision, dropout seeds, shared helpers.
 
 * **Device.** Triton launches on the *current* CUDA device and its current
   stream, not on the tensors' device. ``on_device(x)`` makes x's device current
@@ -15,16 +15,47 @@
   integer argument Triton would specialise on it. So the seed lives in a
   one-element int64 tensor on the tensors' device, drawn from torch's generator
   for that device (CUDA-graph-capture safe), and kernels ``tl.load`` it.
+* **What every kernel shares.** The dtypes they take (``DTYPES``, with their
+  short names), running a launch description (``run``), log2(e), the SM count
+  and whether the Triton interpreter is on. Nothing here imports Triton.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
+# The dtypes every kernel takes, with the short names the compile catalogue labels them by.
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+LOG2_E = 1.4426950408889634
+
 # Largest seed drawn: Triton's Philox takes the seed's low and high 32 bits.
 _SEED_HIGH = 2**62
+
+
+def run(kernel, launch) -> None:
+    """Launch ``kernel`` as a launch description says: (grid, positional arguments, keyword arguments).
+
+    Each kernel module describes every launch once, by a function returning that triple; its
+    launcher runs it here and the compile catalogue (kernels/report/catalogue.py) hands the same
+    description, on meta tensors of real shapes, to the ahead-of-time report."""
+    grid, args, meta = launch
+    kernel[grid](*args, **meta)
+
+
+def interpreter_on() -> bool:
+    """Whether TRITON_INTERPRET asks for the Triton interpreter (kernels on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def sm_count(device: torch.device, elsewhere: int) -> int:
+    """The streaming multiprocessors of a CUDA ``device``; ``elsewhere`` for any other device
+    (the interpreter's pretend GPU, each caller's own)."""
+    if device.type != "cuda":
+        return elsewhere
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def on_device(t: torch.Tensor):

@@ -1,6 +1,6 @@
 """Check that every Triton launch a block of code makes is a case of the compile catalogue.
 
-The catalogue (each kernel module's ``compile_cases()``) is what
+The catalogue (``fastgpt.kernels.report.catalogue.all_cases()``) is what
 ``python -m fastgpt.kernels.report`` compiles ahead of time for sm_80 and sm_90;
 a launch outside it (a dtype mix, a block size, a warp count nobody compiled)
 is a specialisation that was never checked for spills or even for compiling.
@@ -22,7 +22,7 @@ def _launch(fn, args, kwargs) -> dict:
 
 
 def _matches(case, launch) -> bool:
-    from fastgpt.kernels.cases import INTEGER_SPECIALISATIONS
+    from fastgpt.kernels.report.case import INTEGER_SPECIALISATIONS
     bound = launch["bound"]
     return (case.num_warps == launch["num_warps"] and case.num_stages == launch["num_stages"]
             and all(bound.get(name) == value for name, value in case.constexprs.items()
@@ -43,7 +43,7 @@ def launches_in_the_catalogue():
 
     Yields the list of launches, so a test can also check that some happened.
     """
-    from fastgpt.kernels.cases import all_cases
+    from fastgpt.kernels.report.catalogue import all_cases
 
     cases_by_fn = defaultdict(list)
     for case in all_cases():

@@ -19,8 +19,9 @@ import pytest
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from fastgpt.kernels import report  # noqa: E402
-from fastgpt.kernels.cases import CompileCase  # noqa: E402
+from fastgpt.kernels.report import build, compiler, present  # noqa: E402
+from fastgpt.kernels.report.case import CompileCase  # noqa: E402
+from fastgpt.kernels.report.sass import SASS_INSTRUCTION_RE, sass_profile  # noqa: E402
 
 ARCHS = (80, 90)
 
@@ -85,7 +86,7 @@ FIXTURE_CASES = [ADD, MATMUL, SPILLS, TOO_MUCH_SMEM, BROKEN]
 
 @pytest.fixture(scope="module")
 def fixture_report():
-    return report.build_report(FIXTURE_CASES, ARCHS)
+    return build.build_report(FIXTURE_CASES, ARCHS)
 
 
 def rows(built, kernel):
@@ -120,7 +121,7 @@ def test_dot_kernel_emits_tensor_core_instructions_on_both_archs(fixture_report)
         assert row.ok, row.failures
         assert row.tensor_cores is True
         assert row.config == "BM=64 BN=64 BK=32"  # no label given: built from the constexprs
-        assert 0 < row.shared_bytes <= report.SHARED_MEMORY_LIMITS[int(row.arch[3:])]
+        assert 0 < row.shared_bytes <= build.SHARED_MEMORY_LIMITS[int(row.arch[3:])]
 
 
 def test_register_hungry_kernel_is_reported_as_spilling(fixture_report):
@@ -133,7 +134,7 @@ def test_register_hungry_kernel_is_reported_as_spilling(fixture_report):
 
 def test_shared_memory_over_the_arch_limit_fails(fixture_report):
     for arch, row in rows(fixture_report, "matmul_deep_pipeline").items():
-        limit = report.SHARED_MEMORY_LIMITS[int(arch[3:])]
+        limit = build.SHARED_MEMORY_LIMITS[int(arch[3:])]
         assert row.shared_bytes > limit
         assert not row.ok
         assert any("shared memory" in reason and str(limit) in reason for reason in row.failures)
@@ -158,12 +159,12 @@ def test_summary_counts_rows(fixture_report):
 
 
 def test_table_has_one_line_per_row(fixture_report):
-    lines = report.format_table(fixture_report).splitlines()
+    lines = present.format_table(fixture_report).splitlines()
     assert lines[0].split()[:5] == ["kernel", "config", "shapes", "arch", "triton"]
     assert len(lines) == 2 + len(fixture_report.results)
     matmul_sm80 = next(line for line in lines if line.startswith("matmul ") and "sm_80" in line)
     assert "HMMA.16816×" in matmul_sm80 and matmul_sm80.endswith("ok")
-    failures = report.format_failures(fixture_report)
+    failures = present.format_failures(fixture_report)
     assert "FAIL whole_tile [BM=128 BN=64] sm_90: spills " in failures
     assert "FAIL double [BLOCK=48] sm_80: did not compile: arange's range must be a power of 2" in failures
 
@@ -173,20 +174,20 @@ def passing_row(arch, **changes):
                   registers=32, spill_stores_bytes=0, spill_loads_bytes=0, stack_bytes=0, shared_bytes=0,
                   tensor_cores=False, tensor_core_instructions={}, compile_seconds=0.1)
     values.update(changes)
-    return report.CaseResult(**values)
+    return build.CaseResult(**values)
 
 
 @pytest.mark.parametrize("arch, limit", [("sm_80", 166912), ("sm_90", 232448)])
 def test_shared_memory_limit_is_inclusive(arch, limit):
-    assert report.failure_reasons(passing_row(arch, shared_bytes=limit)) == []
-    [reason] = report.failure_reasons(passing_row(arch, shared_bytes=limit + 1))
+    assert build.failure_reasons(passing_row(arch, shared_bytes=limit)) == []
+    [reason] = build.failure_reasons(passing_row(arch, shared_bytes=limit + 1))
     assert reason == f"needs {limit + 1} bytes of shared memory, over the {arch} limit of {limit} bytes per block"
 
 
 def test_a_case_expecting_tensor_cores_fails_without_them():
-    assert report.failure_reasons(passing_row("sm_90", expects_tensor_cores=True)) == [
+    assert build.failure_reasons(passing_row("sm_90", expects_tensor_cores=True)) == [
         "expects tensor cores but emitted no tensor-core instruction"]
-    assert report.failure_reasons(passing_row("sm_90", expects_tensor_cores=True, tensor_cores=True,
+    assert build.failure_reasons(passing_row("sm_90", expects_tensor_cores=True, tensor_cores=True,
                                               tensor_core_instructions={"HGMMA": 4})) == []
 
 
@@ -197,7 +198,7 @@ def test_tensor_core_counting_reads_sass_opcodes_and_ptx():
     ptx = ("\tmma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%f1}, {%r1}, {%r2}, {%f1};\n"
            "\twgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%f1}, %rd1, %rd2, p, 1, 1, 0, 1;\n"
            "\twgmma.fence.sync.aligned;\n")
-    assert report.count_tensor_core_instructions(ptx, sass) == {
+    assert compiler.count_tensor_core_instructions(ptx, sass) == {
         "HMMA": 1, "HGMMA": 1, "mma.sync": 1, "wgmma.mma_async": 1}
 
 
@@ -205,14 +206,14 @@ def test_tensor_core_counting_reads_sass_opcodes_and_ptx():
 # keeps each cubin beside the code sections the report reads from it.
 _COMPILE_FIXTURES = """
 import sys, triton
-from fastgpt.kernels import report
+from fastgpt.kernels.report import compiler
 import test_kernel_report as fixtures
 out, kernels = sys.argv[1], []
 compile_for_real = triton.compile
 triton.compile = lambda *args, **kwargs: kernels.append(compile_for_real(*args, **kwargs)) or kernels[-1]
 for name in ("ADD", "MATMUL"):
     for arch in (80, 90):
-        _, machine_code = report.compile_case(getattr(fixtures, name), arch)
+        _, machine_code = compiler.compile_case(getattr(fixtures, name), arch)
         open(f"{out}/{name}-{arch}.cubin", "wb").write(kernels[-1].asm["cubin"])
         open(f"{out}/{name}-{arch}.code", "wb").write(machine_code.code)
         open(f"{out}/{name}-{arch}.arch", "w").write(machine_code.sass_arch)
@@ -227,25 +228,25 @@ def test_batched_disassembly_reads_each_kernel_as_nvdisasm_reads_its_cubin(tmp_p
     assert done.returncode == 0, done.stderr
 
     def opcodes(sass):
-        return report.SASS_INSTRUCTION_RE.findall(sass)
+        return SASS_INSTRUCTION_RE.findall(sass)
 
     for arch in (80, 90):
         codes = [(tmp_path / f"{name}-{arch}.code").read_bytes() for name in ("ADD", "MATMUL")]
         sass_arch = (tmp_path / f"ADD-{arch}.arch").read_text()
         assert sass_arch == {80: "SM80", 90: "SM90a"}[arch]
-        batched = report.disassemble(sass_arch, codes)
+        batched = compiler.disassemble(sass_arch, codes)
         for name, sass in zip(("ADD", "MATMUL"), batched):
-            whole_cubin = report._run_tool("nvdisasm", "--print-code", str(tmp_path / f"{name}-{arch}.cubin"))
+            whole_cubin = compiler.run_tool("nvdisasm", "--print-code", str(tmp_path / f"{name}-{arch}.cubin"))
             assert opcodes(sass) == opcodes(whole_cubin) and len(opcodes(sass)) > 20, (name, arch)
-        one_at_a_time = report.disassemble(sass_arch, codes[:1]) + report.disassemble(sass_arch, codes[1:])
+        one_at_a_time = compiler.disassemble(sass_arch, codes[:1]) + compiler.disassemble(sass_arch, codes[1:])
         assert [opcodes(sass) for sass in batched] == [opcodes(sass) for sass in one_at_a_time]
-        assert report.sass_profile(batched[1])["classes"].get("tensor_core")  # MATMUL's HMMA / HGMMA
+        assert sass_profile(batched[1])["classes"].get("tensor_core")  # MATMUL's HMMA / HGMMA
         # A truncated blob (half an instruction) fails its own row; the batch is redone without it.
-        *good, truncated = report._disassemble_each(sass_arch, codes + [b"\0" * 8])
+        *good, truncated = compiler.disassemble_each(sass_arch, codes + [b"\0" * 8])
         assert [opcodes(sass) for sass in good] == [opcodes(sass) for sass in batched]
         assert "truncated" in truncated["error"]
     with pytest.raises(ValueError, match="not a 64-bit ELF cubin"):
-        report.code_sections(b"PK\x03\x04 not an ELF file")
+        compiler.code_sections(b"PK\x03\x04 not an ELF file")
 
 
 def test_interpreted_kernels_compile_and_malformed_cases_fail_alone():
@@ -259,7 +260,7 @@ def test_interpreted_kernels_compile_and_malformed_cases_fail_alone():
              CompileCase("local", local_kernel, {"x_ptr": "*fp32"}),
              CompileCase("no_signature", double_kernel, {"x_ptr": "*fp32"}, {"BLOCK": 64}),
              CompileCase("unpicklable", double_kernel, BROKEN.signature, {"BLOCK": lambda: 64})]
-    interpreted, local, unsigned, unpicklable = report.build_report(cases, (80,), jobs=1).results
+    interpreted, local, unsigned, unpicklable = build.build_report(cases, (80,), jobs=1).results
     assert interpreted.ok, interpreted.failures  # the worker imports the module without the interpreter
     assert not local.ok and "defined at module level" in local.error
     assert not unsigned.ok and "signature lacks arguments ['BLOCK']" in unsigned.error
@@ -275,10 +276,10 @@ class KillsItsUnpickler:
 
 def test_a_dying_or_hung_worker_fails_only_its_own_case():
     cases = [CompileCase("crashes", double_kernel, BROKEN.signature, {"BLOCK": KillsItsUnpickler()}), ADD]
-    crashed, after = report.build_report(cases, (80,), jobs=1).results
+    crashed, after = build.build_report(cases, (80,), jobs=1).results
     assert crashed.failures == ["did not compile: the compiler process died (exit code 3)"]
     assert after.ok  # a fresh worker took over
-    [hung] = report.build_report([ADD], (80,), timeout=0.5).results
+    [hung] = build.build_report([ADD], (80,), timeout=0.5).results
     assert hung.failures == ["did not compile: compilation timed out after 0.5 s"]
 
 
@@ -290,10 +291,10 @@ def test_a_dropout_twin_over_its_expected_cost_fails_on_either_arch():
                             triton_version=version, expects_max_dropout_cost=1.5, shapes=list(shapes))]
     # The ragged variant shares the config label (as N = 96 and N = 100 do at BLOCK_N = 128):
     # each dropout row is held against the twin of its own shapes.
-    built = report.Report(archs=[80, 90], case_count=2,
+    built = build.Report(archs=[80, 90], case_count=2,
                           results=rows("sm_90", 1500) + rows("sm_90", 600, 500, shapes=["ragged"])
                           + rows("sm_90", 1510, version="3.9.0") + rows("sm_80", 1900))
-    report._check_dropout_costs(built)
+    build.check_dropout_costs(built)
     failures = [r.failures for r in built.results if r.kernel == "attn+dropout"]
     assert failures == [[],  # 1.5× exactly passes
                         [],  # 600 vs its own twin's 500 (keyed by config alone, the gpt2 row met this 500: 3×)
@@ -301,8 +302,8 @@ def test_a_dropout_twin_over_its_expected_cost_fails_on_either_arch():
                         ["dropout costs 1.90× the SASS instructions of its p = 0 twin (1900 vs 1000), over 1.5×"]]
     assert [(pair["shapes"], pair["ratio"]) for pair in built.dropout_cost()] == [
         (["gpt2"], 1.5), (["ragged"], 1.2), (["gpt2"], 1.51), (["gpt2"], 1.9)]
-    lonely = report.Report(archs=[90], case_count=1, results=rows("sm_90", 1200)[1:])
-    report._check_dropout_costs(lonely)
+    lonely = build.Report(archs=[90], case_count=1, results=rows("sm_90", 1200)[1:])
+    build.check_dropout_costs(lonely)
     assert lonely.results[0].failures == ["expects a dropout cost but its p = 0 twin is not in the report"]
 
 
@@ -314,7 +315,7 @@ JSON_CASE_FIELDS = {"kernel", "config", "arch", "num_warps", "num_stages", "expe
 
 def test_cli_fails_strictly_and_writes_json(tmp_path, capsys):
     out = tmp_path / "report.json"
-    assert report.main(["--json", str(out)], cases=[ADD, BROKEN]) == 1
+    assert present.main(["--json", str(out)], cases=[ADD, BROKEN]) == 1
     printed = capsys.readouterr().out
     assert "FAIL double [BLOCK=48] sm_90: did not compile" in printed
     assert printed.rstrip().endswith(f"2 cases × 2 archs compiled with Triton {triton.__version__} "
@@ -335,15 +336,15 @@ def test_cli_fails_strictly_and_writes_json(tmp_path, capsys):
 
 
 def test_cli_exit_status_without_failures_or_without_strict(capsys):
-    assert report.main(["--arch", "sm_90"], cases=[ADD]) == 0
-    assert report.main(["--arch", "80", "--no-strict"], cases=[BROKEN]) == 0
+    assert present.main(["--arch", "sm_90"], cases=[ADD]) == 0
+    assert present.main(["--arch", "80", "--no-strict"], cases=[BROKEN]) == 0
     assert f"1 case × 1 arch compiled with Triton {triton.__version__} (1 did not compile), 0 spills, 1 failure" \
         in capsys.readouterr().out
 
 
 def test_cli_rejects_an_arch_without_a_known_limit(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        report.main(["--arch", "80,75"], cases=[])
+        present.main(["--arch", "80,75"], cases=[])
     assert exit_info.value.code == 2
     assert "unknown arch '75'" in capsys.readouterr().err
 
@@ -352,8 +353,8 @@ def test_module_entry_point_on_an_empty_catalogue_under_triton_interpret(tmp_pat
     # Run as `python -m` would, in a fresh process started outside the repository root
     # (so `kernels/` is not importable as a top-level package), with the catalogue
     # pinned empty whatever kernel modules exist by then.
-    script = ("import runpy, fastgpt.kernels.cases as cases\n"
-              "cases.KERNEL_MODULES = ()\n"
+    script = ("import runpy, fastgpt.kernels.report.catalogue as catalogue\n"
+              "catalogue.KERNELS = {}\n"
               "runpy.run_module('fastgpt.kernels.report', run_name='__main__', alter_sys=True)\n")
     out = tmp_path / "empty.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -377,7 +378,7 @@ def scale_rows_kernel(x_ptr, out_ptr, n_rows, n_cols, stride, BLOCK: tl.constexp
 
 
 def _launch_case(n_rows, n_cols, shape, **fields):
-    from fastgpt.kernels.cases import TensorArg
+    from fastgpt.kernels.report.case import TensorArg
     import torch
     x = TensorArg(torch.float32)
     return CompileCase.of_launch("scale_rows", scale_rows_kernel,
@@ -390,7 +391,7 @@ def test_launches_compile_as_tritons_launcher_specialises_them():
     # n_rows is do_not_specialize: 8192 and 100 rows bind to one variant.
     cases = [_launch_case(8192, 768, "gpt2"), _launch_case(100, 768, "ragged rows"),
              _launch_case(100, 700, "ragged width"), _launch_case(100, 1, "one column")]
-    built = report.build_report(cases, (90,), jobs=2)
+    built = build.build_report(cases, (90,), jobs=2)
     assert [row.shapes for row in built.results] == [["gpt2", "ragged rows"], ["ragged width"], ["one column"]]
     divisible, ragged, one = built.results
     assert all(row.ok for row in built.results), [row.failures for row in built.results]
@@ -400,7 +401,7 @@ def test_launches_compile_as_tritons_launcher_specialises_them():
 
 
 def test_sass_profile_counts_classes_and_tensor_core_shapes(fixture_report):
-    from fastgpt.kernels.sass import smallest_wgmma_n
+    from fastgpt.kernels.report.sass import smallest_wgmma_n
     sm90 = rows(fixture_report, "matmul")["sm_90"]
     assert sm90.sass["total"] > 50 and sm90.sass["classes"]["tensor_core"] > 0
     assert any(op.startswith("HGMMA.64x64x16") for op in sm90.sass["tensor_core_shapes"])
@@ -412,7 +413,7 @@ def test_sass_profile_counts_classes_and_tensor_core_shapes(fixture_report):
 
 
 def test_programs_per_sm_follow_cudas_occupancy_rules():
-    from fastgpt.kernels.sass import programs_per_sm
+    from fastgpt.kernels.report.sass import programs_per_sm
     # 128 registers × 256 threads = 32K: two programs fit in 64K registers.
     assert programs_per_sm(90, 128, 8, 1000) == {"programs": 2, "limited_by": "registers", "warps": 16}
     # 100 KB of shared memory each: two fit in sm_90's 228 KB, one in sm_80's 164 KB.
@@ -422,7 +423,7 @@ def test_programs_per_sm_follow_cudas_occupancy_rules():
 
 
 def test_a_case_for_one_arch_is_compiled_for_that_arch_only():
-    built = report.build_report([_launch_case(8192, 768, "gpt2", archs=(90,))], (80, 90), jobs=1)
+    built = build.build_report([_launch_case(8192, 768, "gpt2", archs=(90,))], (80, 90), jobs=1)
     assert [row.arch for row in built.results] == ["sm_90"]
 
 
@@ -430,14 +431,17 @@ def test_another_triton_is_imported_from_its_folder(tmp_path, capsys):
     site = tmp_path / "site"
     (site / "triton").mkdir(parents=True)
     (site / "triton" / "__init__.py").write_text("raise ImportError('the stub Triton of this test')\n")
-    [row] = report.build_report([ADD], (90,), jobs=1, triton_sites=[str(site)]).results
+    [row] = build.build_report([ADD], (90,), jobs=1, triton_sites=[str(site)]).results
     assert not row.ok and "compiler process died" in row.error  # the worker imported the stub
-    assert report.main(["--triton", str(tmp_path / "nowhere")], cases=[ADD]) == 2
+    # --no-installed: that folder's Triton alone (CI compiles the catalogue with Triton 3.6 so).
+    assert present.main(["--arch", "90", "--triton", str(site), "--no-installed", "--no-strict"], cases=[ADD]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("1 case × 1 arch compiled (1 did not compile), 0 spills, 1 failure")
+    assert present.main(["--triton", str(tmp_path / "nowhere")], cases=[ADD]) == 2
     assert "no triton package in that folder" in capsys.readouterr().err
 
 
 def test_the_cli_filters_cases_by_kernel_and_config(capsys):
-    assert report.main(["--arch", "90", "--kernel", "^add$", "--config", "fp32"], cases=[ADD, MATMUL, BROKEN]) == 0
+    assert present.main(["--arch", "90", "--kernel", "^add$", "--config", "fp32"], cases=[ADD, MATMUL, BROKEN]) == 0
     assert capsys.readouterr().out.rstrip().endswith(
         f"1 case × 1 arch compiled with Triton {triton.__version__}, 0 spills, 0 failures")
 
@@ -446,8 +450,8 @@ def test_wgmma_width_and_tma_expectations_fail_a_row_that_misses_them():
     narrow = {"total": 100, "classes": {"tensor_core": 2}, "tensor_core_shapes": {"HGMMA.64x32x16.F32.BF16": 2}}
     wide = {"total": 100, "classes": {"tensor_core": 2, "tma": 3}, "tensor_core_shapes": {"HGMMA.64x64x16.F32.BF16": 2}}
     expects = dict(expects_tensor_cores=True, tensor_cores=True, expects_min_wgmma_n=64, expects_tma=True)
-    assert report.failure_reasons(passing_row("sm_90", sass=narrow, **expects)) == [
+    assert build.failure_reasons(passing_row("sm_90", sass=narrow, **expects)) == [
         "expects wgmma (HGMMA) with N >= 64, emitted HGMMA.64x32x16.F32.BF16",
         "expects TMA loads (UTMALDG) but emitted none"]
-    assert report.failure_reasons(passing_row("sm_90", sass=wide, **expects)) == []
-    assert report.failure_reasons(passing_row("sm_80", sass=narrow, **expects)) == []  # sm_90 expectations only
+    assert build.failure_reasons(passing_row("sm_90", sass=wide, **expects)) == []
+    assert build.failure_reasons(passing_row("sm_80", sass=narrow, **expects)) == []  # sm_90 expectations only

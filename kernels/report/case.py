@@ -1,11 +1,10 @@
-"""The catalogue of compile cases: every kernel × specialisation the library can launch.
+"""A compile case: one kernel × one specialisation the library can launch, and what it must show.
 
-Each kernel module under ``kernels/`` defines ``compile_cases() -> list[CompileCase]``
-listing every configuration it can launch (block sizes, warps, dtypes, constexpr
-flags). ``python -m fastgpt.kernels.report`` compiles each case ahead of time for
-sm_80 and sm_90 on a machine with no GPU and reports registers, spills, shared
-memory, the instruction mix and occupancy. Importing this file does not import
-Triton; ``all_cases()`` does (through the kernel modules).
+The catalogue (``catalogue.py``) lists every configuration each kernel can launch
+(block sizes, warps, dtypes, constexpr flags) as a ``CompileCase``;
+``python -m fastgpt.kernels.report`` compiles each ahead of time for sm_80 and
+sm_90 on a machine with no GPU and reports registers, spills, shared memory, the
+instruction mix and occupancy. Importing this file does not import Triton.
 
 A case is best described by a *launch*: the arguments the library's launcher
 passes (on meta tensors of a real model's shapes). The report then binds them
@@ -17,11 +16,7 @@ give an explicit ``signature`` (the report's own test fixtures do).
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-
-# Kernel modules (under fastgpt.kernels) that define compile_cases().
-KERNEL_MODULES: tuple[str, ...] = ("column_sum", "layer_norm", "gelu", "attention", "decode_attention", "cross_entropy")
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
@@ -63,6 +58,7 @@ class CompileCase:
     expects_min_wgmma_n: int | None = None  # on sm_90, fail unless every HGMMA has N >= this
     expects_tma: bool = False               # on sm_90, fail unless tiles move through TMA
     expects_max_dropout_cost: float | None = None  # fail if SASS > this × its p = 0 twin's
+    representative: bool = False      # in the subset every Triton compiles (catalogue.representative_cases)
 
     @classmethod
     def of_launch(cls, kernel: str, fn, launch, **fields) -> "CompileCase":
@@ -80,10 +76,3 @@ class CompileCase:
             return {name: a.type_name for name, a in zip(self.fn.arg_names, self.args) if isinstance(a, TensorArg)}
         return {name: t for name, t in self.signature.items() if str(t).startswith("*")}
 
-
-def all_cases() -> list[CompileCase]:
-    cases: list[CompileCase] = []
-    for name in KERNEL_MODULES:
-        module = importlib.import_module(f"fastgpt.kernels.{name}")
-        cases.extend(module.compile_cases())
-    return cases
