@@ -27,8 +27,6 @@ _EXPORTS = {
     "tie_weights": "model", "fused_linear_cross_entropy": "loss",
     "calc_loss_batch": "training", "calc_loss_loader": "training",
 }
-# Modules importable as fastgpt attributes under another path (their old flat homes).
-_MODULES = {"flops": "profiling.flops", "stats": "profiling.stats"}
 
 __all__ = [
     "GPTModel", "DummyGPTModel", "GPT_CONFIG_124M", "GPT2_CONFIGS", "gpt2_config", "validate_config",
@@ -47,8 +45,6 @@ def __getattr__(name: str):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    elif name in _MODULES:
-        value = importlib.import_module(f"{__name__}.{_MODULES[name]}")
     else:
         try:  # a submodule not imported yet: fastgpt.ops, fastgpt.generation, ...
             value = importlib.import_module(f"{__name__}.{name}")
@@ -61,4 +57,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted({*globals(), *_EXPORTS, *_MODULES, *__all__})
+    return sorted({*globals(), *_EXPORTS, *__all__})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import os
+import re
 import sys
 import warnings
 
@@ -19,6 +20,7 @@ from .config import GPT2_CONFIGS
 # ops.BACKENDS, spelled out so that parsing arguments does not import torch (tests check they agree).
 BACKENDS = ("auto", "triton", "eager")
 _SEEDS = (0, 2**64 - 1)  # what torch.manual_seed takes
+_DEVICE_NAME = re.compile(r"(cpu|cuda|mps)(:[0-9]+)?")  # what profiling.resolve_device can take
 
 
 def _positive_int(text: str) -> int:
@@ -178,6 +180,13 @@ def _note(message: str) -> None:
     print(f"[fastgpt] {message}", file=sys.stderr, flush=True)
 
 
+def _end_line() -> None:
+    try:
+        print(flush=True)
+    except OSError:  # a closed pipe: the error being raised says more
+        pass
+
+
 def _generate(args) -> int:
     import time
 
@@ -198,6 +207,9 @@ def _generate(args) -> int:
     if args.backend is not None:
         ops.set_backend(args.backend)
     device = resolve_device(args.device)
+    problem = ops.forced_triton_problem(device)
+    if problem:  # refused before the prompt is printed, not at the first token
+        raise ops.BackendError(problem)
     tokenizer = get_tokenizer()
     if args.checkpoint is None:
         _note(f"no --checkpoint: a random GPT-2 small (seed {args.seed}); its output is untrained noise")
@@ -226,21 +238,37 @@ def _generate(args) -> int:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     print(args.prompt, end="", flush=True)
     start, count = time.perf_counter(), 0
-    for column in stream:
-        token = int(column[0, 0])
-        count += 1
-        piece = tokenizer.decode_single_token_bytes(token) if token < tokenizer.n_vocab else f"<|{token}|>".encode()
-        print(decoder.decode(piece), end="", flush=True)
+    try:
+        for column in stream:
+            token = int(column[0, 0])
+            count += 1
+            piece = tokenizer.decode_single_token_bytes(token) if token < tokenizer.n_vocab else f"<|{token}|>".encode()
+            print(decoder.decode(piece), end="", flush=True)
+    except Exception:
+        _end_line()  # the text stops mid-line: the error that follows starts a line of its own
+        raise
     elapsed = time.perf_counter() - start
     print(decoder.decode(b"", final=True), flush=True)
     _note(f"{count} new tokens in {elapsed:.2f} s ({count / elapsed:.1f} tokens/s) on {device}")
     return 0
 
 
+def _check_before_torch(args) -> None:
+    """Refuse what can be refused without torch (whose import takes seconds): a missing
+    checkpoint, a device name no torch device of fastgpt's has. The rest is checked where it is used."""
+    if getattr(args, "checkpoint", None) is not None and not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+    if args.device is not None and not _DEVICE_NAME.fullmatch(args.device):
+        if args.device.partition(":")[0] == "meta":
+            raise ValueError("device 'meta' holds shapes but no data, so it cannot run a model; use cpu, cuda or mps")
+        raise ValueError(f"unknown device {args.device!r}; use cpu, cuda, cuda:N or mps")
+
+
 def main(argv=None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_before_torch(args)
         if args.command == "profile":
             return _profile(args)
         return _generate(args)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .config import validate_config
-from .model import check_token_ids
+from .seed_compat import check_token_ids
 
 
 class DummyTransformerBlock(nn.Module):

@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 
 from .kv_cache import KVCache
-from .model import GPTModel, check_token_ids
+from .model import GPTModel
+from .seed_compat import check_token_ids
 
 
 def generate_text_simple(model, idx: torch.Tensor, max_new_tokens: int, context_size: int, *,

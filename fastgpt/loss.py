@@ -13,12 +13,13 @@ during the forward pass, so the backward pass needs no logits at all
     g = (softmax(z) − onehot(t)) · c           c = 1 / n_valid ("mean") or 1 ("sum"), 0 on ignored rows
     dh = g W        dW += gᵀ h                 (g overwrites z in place)
 
-The softmax/gradient step is a Triton kernel on CUDA (one program per row,
-online log-sum-exp over the vocabulary, kernels/cross_entropy.py) and the same
-arithmetic in eager PyTorch elsewhere; the matmuls are torch's. The backward
-pass only scales the stored gradients by the incoming one. Memory beyond the
-parameters: one chunk of logits (chosen from the sizes: about ``CHUNK_BYTES``,
-overridable) instead of three or four full logits tensors.
+The softmax/gradient step is an op of ``fastgpt/ops.py`` (``cross_entropy_rows``):
+a Triton kernel on CUDA (one program per row, online log-sum-exp over the
+vocabulary, kernels/cross_entropy.py) and the same arithmetic in eager PyTorch
+elsewhere; the matmuls are torch's. The backward pass only scales the stored
+gradients by the incoming one. Memory beyond the parameters: one chunk of
+logits (chosen from the sizes: about ``CHUNK_BYTES``, overridable) instead of
+three or four full logits tensors.
 
 Under autocast the matmuls run in autocast's dtype, as ``F.linear`` would, and
 the softmax in float32, as ``F.cross_entropy`` does; the weight's gradient is
@@ -32,21 +33,16 @@ The loss follows fastgpt's default backend (``fastgpt.set_backend`` /
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from . import ops
 from .kernels.runtime import device_mismatch  # no Triton import
 
-OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum")
 CHUNK_BYTES = 64 * 2**20  # one chunk of logits, in the matmuls' dtype
 MIN_CHUNK_ROWS = 16
-
-# (logits, targets, scale, ignore_index, compute_grad) -> per-row losses (float32);
-# with compute_grad the logits are overwritten by the scaled gradient.
-RowsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, bool], torch.Tensor]
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -64,8 +60,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     hidden2d, targets1d = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if chunk_size is None:
         chunk_size = default_chunk_rows(hidden2d.shape[0], weight.shape[0], compute_dtype.itemsize)
-    path, rows_fn = _select_path(hidden, compute_dtype)
-    ops._record(OP, path)
+    rows_fn = ops.cross_entropy_rows(hidden, compute_dtype)  # Triton or eager, per fastgpt's backend choice
     args = hidden2d, weight, targets1d, ignore_index, reduction, chunk_size, compute_dtype, rows_fn
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(*args)
@@ -123,39 +118,6 @@ def _check(hidden, weight, targets, ignore_index, reduction, chunk_size) -> torc
         raise TypeError(f"fused_linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}; "
                         "cast one, or run under torch.autocast")
     return hidden.dtype
-
-
-# ---------------------------------------------------------------- dispatch
-#
-# fastgpt.ops.select_path decides, as for every op: auto (Triton on CUDA), triton or
-# eager, per op through set_backend / use_backend / FASTGPT_BACKEND.
-
-def _select_path(hidden: torch.Tensor, compute_dtype: torch.dtype) -> tuple[str, RowsFn]:
-    path, kernel = ops.select_path(OP, hidden, compute_dtype)
-    return path, (kernel.run if kernel is not None else cross_entropy_rows_eager)
-
-
-# ---------------------------------------------------------------- the per-chunk step, eager
-
-def cross_entropy_rows_eager(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, ignore_index: int,
-                             compute_grad: bool) -> torch.Tensor:
-    """Per-row losses of ``logits`` (rows × V); with ``compute_grad`` the logits become
-    (softmax − onehot(targets)) · scale, zero on ignored rows. In place, float32 arithmetic."""
-    z = logits if logits.dtype == torch.float32 else logits.float()
-    ignored = targets == ignore_index
-    safe_targets = targets.masked_fill(ignored, 0).unsqueeze(1)
-    target_logit = z.gather(1, safe_targets).squeeze(1)
-    m = z.amax(dim=1, keepdim=True)
-    z.sub_(m).exp_()                           # exp(z − m), in place
-    s = z.sum(dim=1)
-    losses = (s.log() + m.squeeze(1) - target_logit).masked_fill(ignored, 0.0)
-    if compute_grad:
-        row_scale = scale.masked_fill(ignored, 0.0)
-        z.mul_((row_scale / s).unsqueeze(1))   # softmax · c
-        z.scatter_add_(1, safe_targets, -row_scale.unsqueeze(1))  # − c at the target
-        if z is not logits:
-            logits.copy_(z)
-    return losses
 
 
 # ---------------------------------------------------------------- the chunked op and its autograd

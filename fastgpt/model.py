@@ -6,12 +6,16 @@ initialisers -- so ``torch.manual_seed(s); GPTModel(cfg)`` draws the seed's
 weights bit for bit -- and the same maths: pre-LN blocks, LayerNorm (eps 1e-5,
 biased variance), tanh GELU, causal softmax attention scaled by 1/sqrt(head_dim),
 dropout on embeddings, attention weights and both residual branches.
+
+The modules come in the order of the book's chapter 4: LayerNorm, GELU,
+FeedForward, MultiHeadAttention, TransformerBlock, GPTModel. What keeps them a
+drop-in for the seed's code beyond the maths (the ``att.mask`` buffer, the
+fused-QKV guard, token-id checks, the tied head's load hook) is in
+``seed_compat.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from typing import Optional
 
 import torch
@@ -20,10 +24,11 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import validate_config
-from .few_row_matmul import apply_linear, few_row_linear, plain_linear, unhooked
+from .few_row_matmul import apply_linear, few_row_linear, plain_linear
 from .fused_qkv import FusedQKV, QKVPart
 from .kv_cache import KVCache
 from .loss import fused_linear_cross_entropy
+from .seed_compat import accept_mask, check_tied_head, check_token_ids, projections_fused, save_mask, seed_mask
 
 
 class LayerNorm(nn.Module):
@@ -64,25 +69,6 @@ class FeedForward(nn.Module):
         return project(ops.linear_gelu(x, expand.weight, expand.bias))
 
 
-# Set by masks_omitted(): state_dict() then leaves the att.mask entries out instead of building them.
-_omit_masks = contextvars.ContextVar("fastgpt_omit_masks", default=False)
-
-
-@contextlib.contextmanager
-def masks_omitted():
-    """``state_dict()`` without the seed's ``att.mask`` entries, never built (savers that drop them anyway)."""
-    token = _omit_masks.set(True)
-    try:
-        yield
-    finally:
-        _omit_masks.reset(token)
-
-
-def causal_mask(context_length: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
-    """The seed's mask buffer: 1 above the diagonal (positions a query may not see)."""
-    return torch.triu(torch.ones(context_length, context_length, dtype=dtype, device=device), diagonal=1)
-
-
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention; query, key and value computed by one matmul.
 
@@ -110,27 +96,16 @@ class MultiHeadAttention(nn.Module):
         self.W_query, self.W_key, self.W_value = (QKVPart(self.qkv, i) for i in range(3))
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
-        self.register_load_state_dict_pre_hook(_accept_mask)
+        self.register_load_state_dict_pre_hook(accept_mask)
 
     @property
     def mask(self) -> torch.Tensor:
         """The seed's mask buffer, built on demand (fastgpt stores no copy of it)."""
-        weight = self.qkv.weight  # out_proj may be wrapped (LoRA); the fused parameter never is
-        if weight.is_meta:  # shape only; triu on meta tensors would import torch._dynamo
-            return torch.empty(self.context_length, self.context_length, dtype=weight.dtype, device="meta")
-        return causal_mask(self.context_length, dtype=weight.dtype, device=weight.device)
+        return seed_mask(self)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # Where the seed's persistent buffer would be saved: before the child
-        # modules' keys, so state_dict() lists the keys in the seed's order.
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if not _omit_masks.get():
-            destination[prefix + "mask"] = self.mask
-
-    def _projections_fused(self) -> bool:
-        """True while W_query, W_key and W_value are this module's own, unwrapped parts of ``qkv``."""
-        return all(type(part) is QKVPart and part.fused is self.qkv and unhooked(part)
-                   for part in (self.W_query, self.W_key, self.W_value))
+        save_mask(self, destination, prefix)  # where the seed saves its buffer: the keys in the seed's order
 
     def forward(self, x: torch.Tensor, layer_cache=None) -> torch.Tensor:
         """x: (batch, tokens, d_in). With ``layer_cache`` (a ``LayerKVCache``), x holds
@@ -141,7 +116,7 @@ class MultiHeadAttention(nn.Module):
         def heads(t):
             return t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
-        if self._projections_fused():  # one matmul for all three projections
+        if projections_fused(self):  # one matmul for all three projections
             qkv = few_row_linear(x, self.qkv.weight, self.qkv.bias)
             queries, keys, values = (heads(t) for t in qkv.split(self.d_out, dim=-1))
         else:  # a replaced or wrapped projection computes more than its rows
@@ -154,23 +129,6 @@ class MultiHeadAttention(nn.Module):
             context = ops.cached_attention(queries, keys, values, dropout_p=dropout_p)
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         return apply_linear(self.out_proj, context)
-
-
-def _accept_mask(module: MultiHeadAttention, state_dict, prefix, local_metadata, strict,
-                 missing_keys, unexpected_keys, error_msgs) -> None:
-    key = prefix + "mask"
-    if key not in state_dict:
-        return  # tolerated: the mask carries no learned information
-    mask = state_dict.pop(key)
-    expected = (module.context_length, module.context_length)
-    if tuple(mask.shape) != expected:
-        error_msgs.append(
-            f"size mismatch for {key}: copying a param with shape {tuple(mask.shape)} from checkpoint, "
-            f"the shape in current model is {expected} (context_length {module.context_length})"
-        )
-    elif mask.device.type != "meta" and not torch.equal(mask.bool().cpu(), causal_mask(expected[0]).bool()):
-        error_msgs.append(f"{key} is not the causal mask (ones strictly above the diagonal); "
-                          "fastgpt supports causal GPT-2 attention only")
 
 
 class TransformerBlock(nn.Module):
@@ -199,39 +157,6 @@ class TransformerBlock(nn.Module):
         return x + self.drop_shortcut(self.ff(normed))
 
 
-def check_token_ids(in_idx, vocab_size: int, context_length: int, device: torch.device) -> None:
-    """Reject token ids the model cannot embed, before any compute runs.
-
-    Raises TypeError/ValueError naming the problem. The range check reads the ids'
-    minimum and maximum (one device sync); it is skipped while torch.compile traces.
-    """
-    if not isinstance(in_idx, torch.Tensor):
-        raise TypeError(f"token ids must be a torch.Tensor of shape (batch, seq_len), got {type(in_idx).__name__}")
-    if in_idx.dtype.is_floating_point or in_idx.dtype.is_complex or in_idx.dtype == torch.bool:
-        raise TypeError(f"token ids must be an integer tensor (torch.long), got dtype {in_idx.dtype}")
-    if in_idx.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
-        raise TypeError(f"token ids must be torch.long (or torch.int32), got dtype {in_idx.dtype}; "
-                        "convert them with idx.long()")
-    if in_idx.dim() != 2:
-        hint = "; add a batch dimension with in_idx.unsqueeze(0)" if in_idx.dim() == 1 else ""
-        raise ValueError(f"token ids must have shape (batch, seq_len), got shape {tuple(in_idx.shape)}{hint}")
-    batch, seq_len = in_idx.shape
-    if batch == 0 or seq_len == 0:
-        raise ValueError(f"token ids must be non-empty, got shape {tuple(in_idx.shape)}")
-    if seq_len > context_length:
-        raise ValueError(
-            f"sequence length {seq_len} exceeds the model's context_length {context_length}; "
-            f"crop the input, e.g. in_idx[:, -{context_length}:]"
-        )
-    if in_idx.device != device:
-        raise ValueError(f"token ids are on {in_idx.device} but the model is on {device}; move one of them")
-    if not torch.compiler.is_compiling():
-        low, high = int(in_idx.min()), int(in_idx.max())
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
-
-
 class GPTModel(nn.Module):
     """GPT-2: ``GPTModel(cfg)(in_idx) -> logits`` of shape (batch, seq_len, vocab_size)."""
 
@@ -245,7 +170,7 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-        self.register_load_state_dict_pre_hook(_check_tied_head)
+        self.register_load_state_dict_pre_hook(check_tied_head)
 
     def forward(self, in_idx: torch.Tensor, *, kv_cache=None, last_logits_only: bool = False,
                 targets: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
@@ -330,18 +255,21 @@ class GPTModel(nn.Module):
         # once, then calls this for every token without a device sync per call.
         return apply_linear(self.out_head, self._hidden(in_idx, kv_cache, last_logits_only))
 
+    # The checkpoint formats (fastgpt.checkpoints) build on this module, never the reverse:
+    # these two methods reach them through the package's public API, at call time.
+
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> "GPTModel":
         """Load GPT-2 weights from disk; see ``fastgpt.from_pretrained`` for the formats."""
-        from .checkpoints import from_pretrained
+        import fastgpt
 
-        return from_pretrained(path, model_class=cls, **kwargs)
+        return fastgpt.from_pretrained(path, model_class=cls, **kwargs)
 
     def save_pretrained(self, directory) -> None:
         """Write config.json + model.safetensors, readable by fastgpt and by transformers' GPT-2."""
-        from .checkpoints import save_pretrained
+        import fastgpt
 
-        save_pretrained(self, directory)
+        fastgpt.save_pretrained(self, directory)
 
 
 def tie_weights(model: GPTModel) -> GPTModel:
@@ -364,19 +292,3 @@ def tie_weights(model: GPTModel) -> GPTModel:
                          f"{tuple(embedding.weight.shape)} differ in shape")
     head.weight = embedding.weight
     return model
-
-
-def weights_tied(model: GPTModel) -> bool:
-    """True when the output head and the token embedding are one parameter (``tie_weights``)."""
-    return getattr(model.out_head, "weight", None) is model.tok_emb.weight
-
-
-def _check_tied_head(module: GPTModel, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                     error_msgs) -> None:
-    head, embedding = state_dict.get(prefix + "out_head.weight"), state_dict.get(prefix + "tok_emb.weight")
-    if not weights_tied(module) or head is None or embedding is None or head is embedding:
-        return
-    if head.shape == embedding.shape and not head.is_meta and not torch.equal(head, embedding.to(head.device)):
-        error_msgs.append(f"{prefix}out_head.weight differs from {prefix}tok_emb.weight, but this model's output "
-                          "head is tied to its token embedding (fastgpt.tie_weights): load the checkpoint into an "
-                          "untied GPTModel")

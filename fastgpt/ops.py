@@ -1,9 +1,13 @@
 """Dispatch: one function per fused operation, each choosing Triton or eager PyTorch.
 
-The model calls only the functions at the bottom of this file (``layer_norm``,
-``gelu``, ``causal_attention``, the fusions ``linear_gelu`` and
-``dropout_add_layer_norm``, and ``cached_attention`` for KV-cache generation).
-Each one picks a path:
+The index of fastgpt's operations: each op's two forms are named here and
+nowhere else. Its Triton form is a loader in ``_TRITON_FORMS`` (the entry point
+in ``fastgpt.kernels``, imported on first use); its eager form is the body of its
+function at the bottom of this file (``layer_norm``, ``gelu``,
+``causal_attention``, the fusions ``linear_gelu`` and ``dropout_add_layer_norm``,
+``cached_attention`` for KV-cache generation, and ``cross_entropy_rows``, the
+per-chunk step of ``fastgpt.loss.fused_linear_cross_entropy``). The model calls
+only those functions. Each one picks a path:
 
 * ``auto`` (default): the Triton kernel when Triton imports, the tensor is on a
   CUDA device and the kernel supports the case; eager PyTorch otherwise.
@@ -32,7 +36,6 @@ import os
 import threading
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -185,49 +188,60 @@ def _record(op: str, path: str) -> None:
         dispatch_counts[(op, path)] += 1
 
 
-# ---------------------------------------------------------------- Triton registry
+# ---------------------------------------------------------------- the Triton forms
+#
+# Each op's Triton form, imported on first use (importing a kernel module imports
+# Triton, and `import fastgpt` must work without it). A loader returns the op's
+# entry point, which takes the same arguments as the op's function below, and its
+# ``supports``, which takes them too and returns None when the kernel handles the
+# case, or a short reason it does not (dtype, head size, ...). The eager forms are
+# the op functions' own bodies, at the bottom of this file.
 
-@dataclass(frozen=True)
-class TritonKernel:
-    """A Triton implementation of one op.
-
-    ``run`` takes the same arguments as the op's function below. ``supports``
-    takes them too and returns None when the kernel handles the case, or a short
-    reason it does not (dtype, head size, ...).
-    """
-
-    run: Callable
-    supports: Callable[..., Optional[str]] = lambda *args, **kwargs: None
+def _triton_layer_norm():
+    from fastgpt.kernels import layer_norm as k
+    return k.layer_norm, k.supports
 
 
-# op -> (module, run function, supports function) of its Triton implementation,
-# imported on first use (importing a kernel module imports Triton).
-_KERNEL_LOCATIONS: dict[str, tuple[str, str, str]] = {
-    "layer_norm": ("fastgpt.kernels.layer_norm", "layer_norm", "supports"),
-    "dropout_add_layer_norm": ("fastgpt.kernels.layer_norm", "dropout_add_layer_norm", "supports_dropout_add"),
-    "gelu": ("fastgpt.kernels.gelu", "gelu", "supports"),
-    "linear_gelu": ("fastgpt.kernels.gelu", "linear_gelu", "supports_linear_gelu"),
-    "causal_attention": ("fastgpt.kernels.attention", "causal_attention", "supports"),
-    "cached_attention": ("fastgpt.kernels.decode_attention", "decode_attention", "supports"),
-    # The per-chunk softmax of fastgpt.loss.fused_linear_cross_entropy (which calls select_path itself).
-    "linear_cross_entropy": ("fastgpt.kernels.cross_entropy", "cross_entropy_rows", "supports_loss"),
+def _triton_dropout_add_layer_norm():
+    from fastgpt.kernels import layer_norm as k
+    return k.dropout_add_layer_norm, k.supports_dropout_add
+
+
+def _triton_gelu():
+    from fastgpt.kernels import gelu as k
+    return k.gelu, k.supports
+
+
+def _triton_linear_gelu():
+    from fastgpt.kernels import gelu as k
+    return k.linear_gelu, k.supports_linear_gelu
+
+
+def _triton_causal_attention():
+    from fastgpt.kernels import attention as k
+    return k.causal_attention, k.supports
+
+
+def _triton_cached_attention():
+    from fastgpt.kernels import decode_attention as k
+    return k.decode_attention, k.supports
+
+
+def _triton_linear_cross_entropy():
+    # The per-chunk softmax of fastgpt.loss.fused_linear_cross_entropy (see cross_entropy_rows below).
+    from fastgpt.kernels import cross_entropy as k
+    return k.cross_entropy_rows, k.supports_loss
+
+
+_TRITON_FORMS: dict[str, Callable[[], tuple[Callable, Callable[..., Optional[str]]]]] = {
+    "layer_norm": _triton_layer_norm,
+    "dropout_add_layer_norm": _triton_dropout_add_layer_norm,
+    "gelu": _triton_gelu,
+    "linear_gelu": _triton_linear_gelu,
+    "causal_attention": _triton_causal_attention,
+    "cached_attention": _triton_cached_attention,
+    "linear_cross_entropy": _triton_linear_cross_entropy,
 }
-_kernels: dict[str, TritonKernel] = {}
-
-
-def register_triton_kernel(op: str, kernel: Optional[TritonKernel]) -> None:
-    """Install (or with None, remove) the Triton implementation of ``op``."""
-    _check_op(op)
-    if kernel is None:
-        _kernels.pop(op, None)
-        _KERNEL_LOCATIONS.pop(op, None)
-    else:
-        _kernels[op] = kernel
-
-
-def ops_with_triton_kernels() -> tuple[str, ...]:
-    """The ops that have a Triton implementation (whether or not Triton imports here)."""
-    return tuple(op for op in OPS if op in _kernels or op in _KERNEL_LOCATIONS)
 
 
 def triton_status() -> Optional[str]:
@@ -246,35 +260,62 @@ _UNKNOWN = object()
 _triton_status = _UNKNOWN
 
 
-def _triton_kernel(op: str) -> Optional[TritonKernel]:
-    if op not in _kernels and op in _KERNEL_LOCATIONS:
-        module_name, run, supports = _KERNEL_LOCATIONS[op]
-        module = importlib.import_module(module_name)
-        _kernels[op] = TritonKernel(run=getattr(module, run), supports=getattr(module, supports))
-    return _kernels.get(op)
+_loaded: dict[str, tuple[Callable, Callable[..., Optional[str]]]] = {}
+
+
+def _triton_kernel(op: str) -> Optional[tuple[Callable, Callable[..., Optional[str]]]]:
+    """(run, supports) of ``op``'s Triton form, loaded once; None when it has none.
+
+    The one place dispatch looks a kernel up: tests patch it (``monkeypatch.setattr(ops,
+    "_triton_kernel", ...)``) to run a kernel of their own, or none.
+    """
+    if op not in _loaded:
+        if op not in _TRITON_FORMS:
+            return None
+        _loaded[op] = _TRITON_FORMS[op]()
+    return _loaded[op]
 
 
 def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def select_path(op: str, x: torch.Tensor, *args, **kwargs) -> tuple[str, Optional[TritonKernel]]:
-    """Decide ``"triton"`` or ``"eager"`` for one call of ``op`` on ``x``."""
+def forced_triton_problem(device: torch.device) -> Optional[str]:
+    """Why the ops forced to ``triton`` here cannot run on ``device``, or None (also when none is forced).
+
+    For a command about to build a model: the obstacles ``select_path`` raises
+    BackendError for at an op's first call (Triton missing, a CPU without the
+    interpreter), found before any work is done.
+    """
+    forced = [op for op in OPS if get_backend(op) == "triton"]
+    if not forced:
+        return None
+    who = "backend 'triton' is forced" + ("" if len(forced) == len(OPS) else f" for {', '.join(forced)}")
+    if triton_status() is not None:
+        return f"{who} but {triton_status()}"
+    if device.type != "cuda" and not _interpreter_on():
+        return (f"{who} on a {device.type} device; Triton runs on CUDA devices, or on a CPU under its interpreter "
+                "(set TRITON_INTERPRET=1; correct but about 1000x slower, so it checks paths, not speed)")
+    return None
+
+
+def select_path(op: str, x: torch.Tensor, *args, **kwargs) -> tuple[str, Optional[Callable]]:
+    """Decide ``"triton"`` or ``"eager"`` for one call of ``op`` on ``x``: (path, the Triton entry point or None)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: expected a torch.Tensor, got {type(x).__name__}")
     backend = get_backend(op)
     if backend == "eager":
         return "eager", None
     if backend == "auto":
-        has_kernel = op in _kernels or op in _KERNEL_LOCATIONS
-        if x.device.type != "cuda" or not has_kernel:
-            return "eager", None
-        if triton_status() is not None:
+        if x.device.type != "cuda" or triton_status() is not None:
             return "eager", None
         kernel = _triton_kernel(op)
-        if kernel.supports(x, *args, **kwargs) is not None:
+        if kernel is None:
             return "eager", None
-        return "triton", kernel
+        run, supports = kernel
+        if supports(x, *args, **kwargs) is not None:
+            return "eager", None
+        return "triton", run
     # backend == "triton": forced, so every obstacle is an error.
     if triton_status() is not None:
         raise BackendError(f"{op}: backend 'triton' is forced but {triton_status()}")
@@ -289,10 +330,11 @@ def select_path(op: str, x: torch.Tensor, *args, **kwargs) -> tuple[str, Optiona
             f"{op}: backend 'triton' is forced on a {x.device.type} tensor; Triton runs on CUDA tensors, "
             "or on CPU tensors under the interpreter (set TRITON_INTERPRET=1 before importing fastgpt)"
         )
-    reason = kernel.supports(x, *args, **kwargs)
+    run, supports = kernel
+    reason = supports(x, *args, **kwargs)
     if reason is not None:
         raise BackendError(f"{op}: the Triton kernel does not support this case: {reason}")
-    return "triton", kernel
+    return "triton", run
 
 
 # ---------------------------------------------------------------- the ops
@@ -319,19 +361,19 @@ def _check_eps(op: str, eps) -> None:
 def layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim: scale * (x - mean) / sqrt(var + eps) + shift, biased var."""
     _check_eps("layer_norm", eps)
-    path, kernel = select_path("layer_norm", x, scale, shift, eps)
+    path, run = select_path("layer_norm", x, scale, shift, eps)
     _record("layer_norm", path)
-    if kernel is not None:
-        return kernel.run(x, scale, shift, eps)
+    if run is not None:
+        return run(x, scale, shift, eps)
     return F.layer_norm(x, x.shape[-1:], scale, shift, eps)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    path, kernel = select_path("gelu", x)
+    path, run = select_path("gelu", x)
     _record("gelu", path)
-    if kernel is not None:
-        return kernel.run(x)
+    if run is not None:
+        return run(x)
     return F.gelu(x, approximate="tanh")
 
 
@@ -344,10 +386,10 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     if not isinstance(bias, torch.Tensor):  # the Triton path adds the bias itself: it needs one
         raise TypeError(f"linear_gelu: bias must be a tensor (the FeedForward's first Linear has one), "
                         f"got {type(bias).__name__}; without a bias call ops.gelu(F.linear(x, weight))")
-    path, kernel = select_path("linear_gelu", x, weight, bias)
+    path, run = select_path("linear_gelu", x, weight, bias)
     _record("linear_gelu", path)
-    if kernel is not None:
-        return kernel.run(x, weight, bias)
+    if run is not None:
+        return run(x, weight, bias)
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
 
 
@@ -361,10 +403,10 @@ def dropout_add_layer_norm(x: torch.Tensor, branch: torch.Tensor, scale: torch.T
     """
     _check_dropout("dropout_add_layer_norm", dropout_p)
     _check_eps("dropout_add_layer_norm", eps)
-    path, kernel = select_path("dropout_add_layer_norm", x, branch, scale, shift, eps, dropout_p)
+    path, run = select_path("dropout_add_layer_norm", x, branch, scale, shift, eps, dropout_p)
     _record("dropout_add_layer_norm", path)
-    if kernel is not None:
-        return kernel.run(x, branch, scale, shift, eps, dropout_p)
+    if run is not None:
+        return run(x, branch, scale, shift, eps, dropout_p)
     h = x + (F.dropout(branch, dropout_p) if dropout_p > 0.0 else branch)
     return h, F.layer_norm(h, h.shape[-1:], scale, shift, eps)
 
@@ -377,10 +419,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     hands ``is_causal=True`` to PyTorch's fused attention.
     """
     _check_dropout("causal_attention", dropout_p)
-    path, kernel = select_path("causal_attention", q, k, v, dropout_p)
+    path, run = select_path("causal_attention", q, k, v, dropout_p)
     _record("causal_attention", path)
-    if kernel is not None:
-        return kernel.run(q, k, v, dropout_p)
+    if run is not None:
+        return run(q, k, v, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
@@ -401,10 +443,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         # A fresh prefill (every key is one of the queries) is exactly causal
         # attention: its kernel takes any length, where the decode kernel takes ≤ 16.
         return causal_attention(q, k, v, dropout_p)
-    path, kernel = select_path("cached_attention", q, k, v, dropout_p)
+    path, run = select_path("cached_attention", q, k, v, dropout_p)
     _record("cached_attention", path)
-    if kernel is not None:
-        return kernel.run(q, k, v, dropout_p)
+    if run is not None:
+        return run(q, k, v, dropout_p)
     q_len, kv_len = q.shape[-2], k.shape[-2]
     if q_len > kv_len:
         raise ValueError(f"cached_attention: {q_len} queries but only {kv_len} keys; "
@@ -413,3 +455,41 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(diagonal=kv_len - q_len)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+
+# (logits, targets, scale, ignore_index, compute_grad) -> per-row losses (float32);
+# with compute_grad the logits are overwritten by the scaled gradient.
+RowsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, bool], torch.Tensor]
+
+
+def cross_entropy_rows(hidden: torch.Tensor, compute_dtype: torch.dtype) -> RowsFn:
+    """The per-chunk softmax/gradient step of ``fastgpt.loss.fused_linear_cross_entropy``, chosen once per loss.
+
+    ``hidden``: the loss's input rows, whose logits are computed in ``compute_dtype``.
+    Returns the step (``RowsFn``) every chunk of the loss runs: the Triton kernel,
+    or ``cross_entropy_rows_eager``. Counted as op ``linear_cross_entropy``.
+    """
+    path, run = select_path("linear_cross_entropy", hidden, compute_dtype)
+    _record("linear_cross_entropy", path)
+    return run if run is not None else cross_entropy_rows_eager
+
+
+def cross_entropy_rows_eager(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+                             compute_grad: bool) -> torch.Tensor:
+    """Per-row losses of ``logits`` (rows × V); with ``compute_grad`` the logits become
+    (softmax − onehot(targets)) · scale, zero on ignored rows. In place, float32 arithmetic."""
+    z = logits if logits.dtype == torch.float32 else logits.float()
+    ignored = targets == ignore_index
+    safe_targets = targets.masked_fill(ignored, 0).unsqueeze(1)
+    target_logit = z.gather(1, safe_targets).squeeze(1)
+    m = z.amax(dim=1, keepdim=True)
+    z.sub_(m).exp_()                           # exp(z − m), in place
+    s = z.sum(dim=1)
+    losses = (s.log() + m.squeeze(1) - target_logit).masked_fill(ignored, 0.0)
+    if compute_grad:
+        row_scale = scale.masked_fill(ignored, 0.0)
+        z.mul_((row_scale / s).unsqueeze(1))   # softmax · c
+        z.scatter_add_(1, safe_targets, -row_scale.unsqueeze(1))  # − c at the target
+        if z is not logits:
+            logits.copy_(z)
+    return losses

@@ -29,16 +29,12 @@ def tiny_cfg():
 
 @pytest.fixture(autouse=True)
 def _restore_dispatch_state():
-    """Tests may change the backend or register fake kernels; undo it after each."""
-    saved_choice, saved_scopes = ops._global_choice, ops._scopes.get()
-    saved_kernels, saved_locations = dict(ops._kernels), dict(ops._KERNEL_LOCATIONS)
+    """Tests may change the backend or swap kernels in (ops._triton_kernel); undo it after each."""
+    saved_choice, saved_scopes, saved_lookup = ops._global_choice, ops._scopes.get(), ops._triton_kernel
     yield
     ops._global_choice = saved_choice
     ops._scopes.set(saved_scopes)
-    ops._kernels.clear()
-    ops._kernels.update(saved_kernels)
-    ops._KERNEL_LOCATIONS.clear()
-    ops._KERNEL_LOCATIONS.update(saved_locations)
+    ops._triton_kernel = saved_lookup
     ops.reset_dispatch_counts()
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import fastgpt
 from fastgpt import CheckpointError, GPTModel, from_pretrained
+from fastgpt.checkpoints.hf_config import config_from_hf_gpt2
 from fastgpt.checkpoints.safetensors_format import SafetensorsFile
 from helpers import TINY, rel_err
 from reference_model import RefGPTModel
@@ -445,7 +446,7 @@ def test_layer_norm_epsilon_is_computed_and_saved_back(tmp_path):
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["layer_norm_epsilon"] == 1e-2
     assert_same_logits(from_pretrained(tmp_path / "ours"), hf)
     with pytest.raises(ValueError, match=r"layer_norm_epsilon=0\.01: a GPTModel built from a config dict uses 1e-05"):
-        fastgpt.weights.config_from_hf_gpt2(hf.config)
+        config_from_hf_gpt2(hf.config)
 
 
 def test_reorder_and_upcast_attn_computes_the_same_logits(tmp_path):
@@ -480,7 +481,7 @@ def test_a_sharded_checkpoint_loads(tmp_path):
 def test_save_pretrained_never_holds_two_attention_masks_at_once(tmp_path, monkeypatch):
     # The seed's att.mask is context × context per layer: 256 MiB each at context 8192.
     alive = []
-    real_mask = fastgpt.model.causal_mask
+    real_mask = fastgpt.seed_compat.causal_mask
 
     def recording_mask(*args, **kwargs):
         assert not [ref for ref in alive if ref() is not None], "an earlier layer's mask is still alive"
@@ -489,7 +490,7 @@ def test_save_pretrained_never_holds_two_attention_masks_at_once(tmp_path, monke
         return mask
 
     model = GPTModel({**TINY, "n_layers": 3})
-    monkeypatch.setattr(fastgpt.model, "causal_mask", recording_mask)
+    monkeypatch.setattr(fastgpt.seed_compat, "causal_mask", recording_mask)
     model.save_pretrained(tmp_path)
     assert len(alive) <= 3
     monkeypatch.undo()
@@ -510,12 +511,12 @@ def test_saved_files_respect_the_umask(tmp_path, umask, mode):
 def test_save_pretrained_never_builds_the_seeds_mask(tmp_path, monkeypatch):
     # The context × context att.mask is left out of the files: saving must not build it at all
     # (at context 8192 each layer's would be 256 MiB).
-    import fastgpt.model as model_module
+    import fastgpt.seed_compat as seed_compat
 
     def no_mask(*args, **kwargs):
         raise AssertionError("save_pretrained built an att.mask")
     model = fastgpt.GPTModel(dict(TINY))
-    monkeypatch.setattr(model_module, "causal_mask", no_mask)
+    monkeypatch.setattr(seed_compat, "causal_mask", no_mask)
     model.save_pretrained(tmp_path / "saved")
     with pytest.raises(AssertionError, match="built an att.mask"):
         model.state_dict()  # the seed's state dict still carries it

@@ -115,7 +115,7 @@ def test_help_and_version_answer_without_loading_torch_even_with_a_bad_backend_v
 def test_the_backend_variable_is_honoured_and_backend_overrides_it(tmp_path):
     forced = _fastgpt("profile", "--seq-len", "4", "--iters", "1", "--warmup", "0", "--no-ops", cwd=tmp_path,
                       FASTGPT_BACKEND="triton")
-    assert forced.returncode == 2 and "backend 'triton' is forced on a cpu tensor" in forced.stderr
+    assert forced.returncode == 2 and "backend 'triton' is forced on a cpu device" in forced.stderr
     chosen = _fastgpt("profile", "--seq-len", "4", "--iters", "1", "--warmup", "0", "--no-ops", "--backend", "eager",
                       cwd=tmp_path, FASTGPT_BACKEND="triton")
     assert chosen.returncode == 0, chosen.stderr
@@ -153,7 +153,7 @@ def test_console_script_is_installed():
     (["profile", "--seq-len", "2000"], "seq_len must be in [1, 1024] (the context length), got 2000"),
     (["profile", "--batch", "0"], "must be a positive integer, got 0"),
     (["profile", "--warmup", "-1"], "must be an integer >= 0, got -1"),
-    (["profile", "--backend", "triton", "--iters", "1", "--warmup", "0"], "backend 'triton' is forced on a cpu tensor"),
+    (["profile", "--backend", "triton", "--iters", "1", "--warmup", "0"], "backend 'triton' is forced on a cpu device"),
     (["profile", "--dtype", "float64"], "invalid choice: 'float64'"),
     (["profile", "--new-tokens", "8"], "new_tokens applies to mode 'generate' only, not 'forward'"),
     (["profile", "--mode", "generate", "--seq-len", "1000", "--new-tokens", "64"],
@@ -170,6 +170,36 @@ def test_bad_options_exit_2_with_a_message_and_no_traceback(tmp_path, args, frag
     assert result.returncode == 2
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_forced_triton_that_cannot_run_here_is_refused_before_any_work(tmp_path):
+    result = _fastgpt("profile", "--backend", "triton", "--seq-len", "4", "--iters", "1", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    # The error is the one line on stderr: no progress line went before it.
+    assert result.stderr.startswith("fastgpt profile: error: backend 'triton' is forced on a cpu device; ")
+    assert "TRITON_INTERPRET=1" in result.stderr and result.stderr.count("\n") == 1
+    assert "building" not in result.stderr and "warm-up" not in result.stderr
+
+
+def _main_without_torch(*args: str, cwd) -> subprocess.CompletedProcess:
+    """``fastgpt ARGS`` in a fresh process that prints its exit code and whether torch was imported."""
+    code = ("import sys\nfrom fastgpt.cli import main\n"
+            "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as stop:\n    code = stop.code\n"
+            "print(code, 'torch' in sys.modules)")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={**os.environ, "FASTGPT_BACKEND": "", "CUDA_VISIBLE_DEVICES": ""})
+
+
+@pytest.mark.parametrize("command", [["profile"], ["generate", "x"]])
+@pytest.mark.parametrize("device,message", [
+    ("bogus", "unknown device 'bogus'; use cpu, cuda, cuda:N or mps"),
+    ("cuda:x", "unknown device 'cuda:x'; use cpu, cuda, cuda:N or mps"),
+    ("meta", "device 'meta' holds shapes but no data, so it cannot run a model; use cpu, cuda or mps"),
+])
+def test_a_malformed_device_is_refused_before_torch_is_imported(tmp_path, command, device, message):
+    result = _main_without_torch(*command, "--device", device, cwd=tmp_path)
+    assert result.stdout == "2 False\n", result.stderr
+    assert result.stderr == f"fastgpt {command[0]}: error: {message}\n"
 
 
 def test_asking_for_cuda_without_cuda_is_a_clear_error(tmp_path):

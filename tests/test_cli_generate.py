@@ -158,6 +158,39 @@ def test_bad_input_exits_2_with_a_message(args, fragment, capsys):
     assert fragment in capsys.readouterr().err
 
 
+def test_a_missing_checkpoint_is_refused_before_torch_is_imported(tmp_path):
+    code = ("import sys\nfrom fastgpt.cli import main\n"
+            "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as stop:\n    code = stop.code\n"
+            "print(code, 'torch' in sys.modules)")
+    missing = tmp_path / "no-such-gpt2"
+    result = subprocess.run([sys.executable, "-c", code, "generate", "x", "--checkpoint", str(missing)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env={**os.environ, "FASTGPT_BACKEND": "", "CUDA_VISIBLE_DEVICES": ""})
+    assert result.stdout == "2 False\n", result.stderr
+    assert result.stderr == f"fastgpt generate: error: checkpoint {missing} does not exist\n"
+
+
+def test_forced_triton_that_cannot_run_here_is_refused_before_the_prompt_is_printed(checkpoint, tmp_path):
+    result = _fastgpt("generate", "Hello", "--checkpoint", str(checkpoint), "--backend", "triton", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""  # not even the prompt
+    assert result.stderr.startswith("fastgpt generate: error: backend 'triton' is forced on a cpu device; ")
+    assert "TRITON_INTERPRET=1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_error_while_generating_starts_a_line_of_its_own(checkpoint, monkeypatch, capsys):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # forced Triton may run on a CPU: refused only at the first op
+    monkeypatch.setattr(fastgpt.ops, "_triton_kernel", lambda op: (None, lambda *args, **kwargs: "not today"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "Hello", "--checkpoint", str(checkpoint), "--backend", "triton", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    given = capsys.readouterr()
+    assert given.out == "Hello\n"  # the prompt, then the line ended
+    assert given.err.startswith("fastgpt generate: error: ")
+    assert "the Triton kernel does not support this case: not today" in given.err
+
+
 def test_a_bad_checkpoint_is_reported_without_a_traceback(checkpoint, tmp_path):
     (tmp_path / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes()[:-50])
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())

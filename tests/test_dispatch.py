@@ -151,8 +151,13 @@ def test_environment_variable_sets_the_backend_and_rejects_typos():
         assert message in bad.stderr
 
 
-def test_forcing_triton_for_an_op_without_a_kernel_fails_loudly():
-    ops.register_triton_kernel("gelu", None)
+def _kernels(**forms):
+    """A stand-in for ops._triton_kernel: op -> (run, supports) for the ops named, no kernel for the rest."""
+    return lambda op: forms.get(op)
+
+
+def test_forcing_triton_for_an_op_without_a_kernel_fails_loudly(monkeypatch):
+    monkeypatch.setattr(ops, "_triton_kernel", _kernels())
     with fastgpt.use_backend("triton"), pytest.raises(fastgpt.BackendError, match="no Triton kernel for gelu"):
         ops.gelu(torch.randn(3))
 
@@ -165,13 +170,13 @@ def _fake_kernel(calls):
     def supports(x):
         return None if x.dtype == torch.float32 else f"dtype {x.dtype} not supported"
 
-    return ops.TritonKernel(run=run, supports=supports)
+    return run, supports
 
 
-def test_forced_triton_runs_a_registered_kernel_and_records_it(monkeypatch):
+def test_forced_triton_runs_the_kernel_found_and_records_it(monkeypatch):
     pytest.importorskip("triton")
     calls = []
-    ops.register_triton_kernel("gelu", _fake_kernel(calls))
+    monkeypatch.setattr(ops, "_triton_kernel", _kernels(gelu=_fake_kernel(calls)))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ops.reset_dispatch_counts()
     with fastgpt.use_backend("triton", op="gelu"):
@@ -184,25 +189,25 @@ def test_forced_triton_runs_a_registered_kernel_and_records_it(monkeypatch):
 
 def test_forced_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     pytest.importorskip("triton")
-    ops.register_triton_kernel("gelu", _fake_kernel([]))
+    monkeypatch.setattr(ops, "_triton_kernel", _kernels(gelu=_fake_kernel([])))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with fastgpt.use_backend("triton"), pytest.raises(fastgpt.BackendError, match="TRITON_INTERPRET=1"):
         ops.gelu(torch.randn(3))
 
 
-def test_auto_stays_eager_on_cpu_even_with_a_kernel_registered():
+def test_auto_stays_eager_on_cpu_even_with_a_kernel_at_hand(monkeypatch):
     calls = []
-    ops.register_triton_kernel("gelu", _fake_kernel(calls))
+    monkeypatch.setattr(ops, "_triton_kernel", _kernels(gelu=_fake_kernel(calls)))
     ops.reset_dispatch_counts()
     ops.gelu(torch.randn(4))
     assert calls == [] and ops.dispatch_counts[("gelu", "eager")] == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="auto picks Triton only for CUDA tensors; needs a GPU")
-def test_auto_picks_a_supporting_kernel_on_cuda_and_falls_back_otherwise():
+def test_auto_picks_a_supporting_kernel_on_cuda_and_falls_back_otherwise(monkeypatch):
     pytest.importorskip("triton")
     calls = []
-    ops.register_triton_kernel("gelu", _fake_kernel(calls))
+    monkeypatch.setattr(ops, "_triton_kernel", _kernels(gelu=_fake_kernel(calls)))
     ops.reset_dispatch_counts()
     ops.gelu(torch.randn(4, device="cuda"))
     ops.gelu(torch.randn(4, device="cuda", dtype=torch.float64))
@@ -222,7 +227,7 @@ from fastgpt import ops
 model = fastgpt.GPTModel({"vocab_size": 11, "context_length": 8, "emb_dim": 8, "n_heads": 2,
                           "n_layers": 1, "drop_rate": 0.0, "qkv_bias": False})
 print(tuple(model(torch.zeros(1, 3, dtype=torch.long)).shape))
-ops.register_triton_kernel("gelu", ops.TritonKernel(run=lambda x: x))
+ops._triton_kernel = lambda op: (lambda x: x, lambda x: None)
 try:
     with fastgpt.use_backend("triton"):
         ops.gelu(torch.ones(2))

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import GPTModel, ops
+from fastgpt.checkpoints.hf_config import config_from_hf_gpt2
+from fastgpt.checkpoints.layouts import state_dict_from_hf_gpt2
 from fastgpt.fused_qkv import seed_named_grads
-from fastgpt.weights import config_from_hf_gpt2, state_dict_from_hf_gpt2
 from helpers import TINY, rel_err
 from reference_model import RefGPTModel
 

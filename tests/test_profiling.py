@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import fastgpt
-from fastgpt import flops, ops
+from fastgpt import ops
+from fastgpt.profiling import compare, flops, profile, report_json, triton_side
 from fastgpt.profiling.op_table import PYTHON_ROW, UNCLAIMED_ROW, build_op_table, op_group
-from fastgpt.profiling import compare, profile, report_json, triton_side
 
 # GPT-2's shape, small enough for a CPU test: head_dim 64, GPT-2's vocabulary.
 TINY = {"vocab_size": 50257, "context_length": 64, "emb_dim": 128, "n_heads": 2, "n_layers": 2,

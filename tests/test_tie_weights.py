@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import fastgpt
 from fastgpt import GPT_CONFIG_124M, GPTModel
-from fastgpt.model import weights_tied
+from fastgpt.seed_compat import weights_tied
 from helpers import TINY
 from reference_model import RefGPTModel
 

@@ -24,6 +24,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..config import GPT_CONFIG_124M, validate_config
+from ..model import GPTModel, LayerNorm, MultiHeadAttention
 from .files import CheckpointError, open_regular_file, read_json
 from .hf_config import DROPOUTS_DIFFER, DEFAULT_LAYER_NORM_EPS, dropout_rates, hf_gpt2_settings
 from .layouts import StoredTensor, fastgpt_layout, gpt2_n_heads, hf_gpt2_ignorable, hf_gpt2_layout, openai_tf_layout
@@ -80,8 +81,6 @@ def from_pretrained(path, *, dtype: Optional[torch.dtype] = None, device=None, m
         raise CheckpointError(where, str(err)) from None
     layout = checkpoint.layout(cfg)
     _check_names_and_shapes(checkpoint, layout, _describe(cfg))
-
-    from ..model import GPTModel, LayerNorm  # here, not at the top: model.py's from_pretrained imports this module
 
     with torch.device("meta"), _SkipInitialisers():
         model = (model_class or GPTModel)(cfg)  # shapes only: no memory, no initialisation
@@ -330,8 +329,6 @@ def _fuse_qkv(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> No
     is copied into it. ``load_state_dict(assign=True)`` then adopts that tensor
     as the parameter, and ``W_query`` / ``W_key`` / ``W_value`` load their rows.
     """
-    from ..model import MultiHeadAttention
-
     for name, module in model.named_modules():
         if not isinstance(module, MultiHeadAttention):
             continue

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..model import GPTModel, LayerNorm
+from ..seed_compat import masks_omitted
 from .layouts import hf_gpt2_tensors
 
 
@@ -22,8 +24,6 @@ def save_pretrained(model, directory) -> None:
     Each file is written under a temporary name and renamed into place.
     """
     from safetensors.torch import save_file
-
-    from ..model import GPTModel  # here, not at the top: model.py's save_pretrained imports this module
 
     if not isinstance(model, GPTModel):
         raise TypeError(f"save_pretrained takes a fastgpt GPTModel, got {type(model).__name__}")
@@ -60,8 +60,6 @@ def save_pretrained(model, directory) -> None:
 
 
 def _layer_norm_eps(model: torch.nn.Module) -> float:
-    from ..model import LayerNorm
-
     values = {module.eps for module in model.modules() if isinstance(module, LayerNorm)}
     if len(values) != 1:
         raise ValueError(f"the model's LayerNorms use different eps values {sorted(values)}; GPT-2's config.json "
@@ -75,8 +73,6 @@ def _state_dict_without_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]
     The mask is the seed's context×context buffer, made for state_dict() on demand:
     at context 8192 each is 256 MiB, for a file that stores none of them.
     """
-    from ..model import masks_omitted
-
     with masks_omitted():
         return model.state_dict()
 

@@ -451,6 +451,9 @@ def profile(size: str = "gpt2-small", batch: int = 1, seq_len: Optional[int] = N
     noun = {"forward": "pass", "train-step": "step", "generate": "generate call"}[mode]
     with _caller_state_kept(), (ops.use_backend(backend) if backend else contextlib.nullcontext()):
         backend = ops.backend_spec()
+        problem = ops.forced_triton_problem(dev)
+        if problem:  # refused before minutes of building and warming up, not at the first op
+            raise ops.BackendError(problem)
         log(f"building {size} on {dev} ({dtype}) ...")
         torch.manual_seed(seed)
         with torch.device(dev):
