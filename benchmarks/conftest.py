@@ -6,7 +6,7 @@ eager-only cases, so CI proves they work; the header says which mode ran.
 
 Options: ``--full`` (the full size sweep of the model-level suites; CUDA
 only), ``--compile-backend NAME`` (torch.compile's backend), ``--peak-tflops X``
-(the peak used for MFU where the GPU is not in fastgpt.flops' table).
+(the peak used for MFU where the GPU is not in fastgpt.profiling.flops' table).
 """
 
 import platform
@@ -44,6 +44,15 @@ def pytest_configure(config):
     if peak is not None and not peak > 0:
         raise pytest.UsageError(f"--peak-tflops must be > 0, got {peak}")
     models.SETTINGS.peak_tflops = peak
+
+
+@pytest.fixture(scope="module")
+def models(request):
+    """The model-level suites' models (models.shared_models: built once per session), in train mode
+    for a module that sets ``TRAIN_MODE = True``, else in eval mode."""
+    import models as models_module
+
+    return models_module.shared_models(train=getattr(request.module, "TRAIN_MODE", False))
 
 
 def pytest_report_header(config):

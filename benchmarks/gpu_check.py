@@ -14,7 +14,8 @@ moment keeps what it finished:
 3. bench     bench.jsonl  medians (triton.testing.do_bench) of attention fwd / bwd / fwd+bwd
                           vs SDPA and each SDPA backend, dropout 0 and 0.1; decode; LayerNorm,
                           dropout+add+LayerNorm, bias+GELU vs eager and torch.compile; the
-                          copy bandwidth and bf16 GEMM rate as ceilings; the tuned configs
+                          copy bandwidth and bf16 GEMM rate as ceilings; the tuned configs.
+                          The cases are the op suites' own (benchmarks/cases.py)
 4. sanitizer sanitizer.txt compute-sanitizer memcheck and racecheck over tiny shapes of every kernel
 5. profile   profile.txt  fastgpt profile --compare --mode train-step, batch 8 × 1024, bf16,
              profile.json dropout 0.1
@@ -36,7 +37,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +54,7 @@ FILE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 BUDGETS = {"env": 30, "tests": 150, "bench": 170, "sanitizer": 70, "profile": 60}
 DRY_BUDGETS = {"env": 20, "tests": 60, "bench": 50, "sanitizer": 10, "profile": 30}
 STEPS = tuple(BUDGETS)
+DRY_TESTS = ("tests/test_kernel_runtime.py", "tests/test_gelu.py")
 
 
 # =============================================================================
@@ -105,7 +106,7 @@ def contract_problems(out: Path) -> list[str]:
 
 def _imports_fastgpt_kernels(env: dict, *roots: Path) -> bool:
     """Whether ``import fastgpt.kernels`` works and finds this checkout's code (under one of ``roots``)."""
-    probe = "import fastgpt, fastgpt.kernels.cases; print(fastgpt.kernels.cases.__file__)"
+    probe = "import fastgpt, fastgpt.kernels.runtime; print(fastgpt.kernels.runtime.__file__)"
     done = subprocess.run([sys.executable, "-P", "-c", probe], env=env, cwd=tempfile.gettempdir(),
                           capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
@@ -186,7 +187,9 @@ def sdpa_priority_order() -> str:
 # =============================================================================
 
 def step_tests(out: Path, dry: bool, env: dict, limit: float) -> int:
-    selection = (["tests/test_kernels_launch.py", "tests/test_kernels_gelu.py"] if dry else ["tests"])
+    # A dry run proves the step (the test suite runs every kernel test under the interpreter itself):
+    # two files, the launcher's and one kernel's.
+    selection = ([path for path in DRY_TESTS if (REPO / path).exists()] or ["tests"]) if dry else ["tests"]
     workers = [] if dry else ["-n", str(min(8, os.cpu_count() or 1))]
     # -P keeps the repository root off sys.path (so kernels/ is never a top-level package).
     command = [sys.executable, "-P", "-m", "pytest", "-m", "kernels", *selection, *workers, "-v", "-rfE",
@@ -223,16 +226,13 @@ def log_counts(out: Path) -> dict:
 # =============================================================================
 
 def make_timer(dry: bool):
-    """Median milliseconds of fn(): triton.testing.do_bench on a GPU, a few wall-clock calls on a CPU."""
+    """Median milliseconds of fn(): triton.testing.do_bench on a GPU; in a dry run one wall-clock call
+    (it proves the step runs end to end; an interpreter's time is no speed)."""
     if dry:
         def timer(fn):
+            started = time.perf_counter()
             fn()
-            times = []
-            for _ in range(2):
-                started = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - started) * 1e3)
-            return statistics.median(times)
+            return (time.perf_counter() - started) * 1e3
         return timer
     import triton.testing
 
@@ -241,154 +241,50 @@ def make_timer(dry: bool):
     return timer
 
 
-def _measure(out: Path, timer, record: dict, fn, work: float, unit: str) -> dict:
-    """Time fn, add ms and the rate (TFLOP/s for work in FLOPs, GB/s for bytes) to record, emit it."""
+def measure(out: Path, timer, case) -> dict:
+    """Build and time one ``cases.Case``; emit its record with ms and its rate (TFLOP/s or GB/s), or the error."""
+    record = dict(case.record)
     try:
-        ms = timer(fn)
+        step = case.build()
+        ms = timer(step)
         record["ms"] = round(ms, 5)
-        record[unit] = round(work / (ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9), 2)
+        record[case.unit] = round(case.rate(ms * 1e-3), 2)
     except Exception as error:
         record["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error) else ''}"
     emit(out, record)
     return record
 
 
-def bench_ceilings(out, timer, dry, device):
-    import torch
-    n_bytes = 2**20 if dry else 2**31  # 2 GiB: many times the L2
-    source = torch.randn(n_bytes // 2, device=device, dtype=torch.bfloat16)
-    target = torch.empty_like(source)
-    _measure(out, timer, {"kind": "ceiling", "name": "copy", "bytes": 2 * n_bytes}, lambda: target.copy_(source),
-             2 * n_bytes, "GB/s")
-    source = target = None  # free 4 GiB before the GEMM
-    n = 256 if dry else 8192
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16 if not dry else torch.float32) for _ in range(2))
-    _measure(out, timer, {"kind": "ceiling", "name": "gemm bf16" if not dry else "gemm fp32", "n": n},
-             lambda: a @ b, 2 * n**3, "TFLOP/s")
-
-
-def bench_attention(out, timer, dry, device, deadline):
-    import torch
-    import peers
-    dtype = torch.float32 if dry else torch.bfloat16
-    d = 64
-    shapes = [(1, 2, 64)] if dry else [(16, 12, 1024), (8, 12, 2048), (4, 12, 4096), (2, 12, 8192)]
-    for (b, h, t), p in ((s, p) for s in shapes for p in (0.0, 0.1)):
-        q, k, v = (torch.randn(b, h, t, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        do = torch.randn(b, h, t, d, device=device, dtype=dtype)
-        for impl in peers.ATTENTION_IMPLEMENTATIONS:
-            attn = peers.attention(impl, p)
-            for mode in ("fwd", "bwd", "fwd+bwd"):
-                if time.monotonic() > deadline:
-                    return
-                record = {"kind": "attention", "impl": impl, "mode": mode, "B": b, "H": h, "T": t, "d": d,
-                          "dtype": str(dtype).removeprefix("torch."), "dropout": p}
-                try:
-                    run = peers.attention_step(attn, q, k, v, do, mode)
-                except Exception as error:
-                    record["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-                    emit(out, record)
-                    continue
-                _measure(out, timer, record, run, peers.attention_flops(b, h, t, d, mode), "TFLOP/s")
-
-
-def bench_decode(out, timer, dry, device, deadline):
-    import torch
-    import torch.nn.functional as F
-    import peers
-    from fastgpt import ops
-    dtype = torch.float32 if dry else torch.bfloat16
-    h, d = 12, 64
-    cases = [(1, 128)] if dry else [(b, s) for b in (1, 8) for s in (1024, 2048, 4096, 8192)]
-    for b, s in cases:
-        q = torch.randn(b, h, 1, d, device=device, dtype=dtype)
-        k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype) for _ in range(2))
-        for impl in ("fastgpt", "sdpa"):
-            if time.monotonic() > deadline:
-                return
-
-            def run(impl=impl):
-                with torch.inference_mode():
-                    if impl == "fastgpt":
-                        with ops.use_backend("triton", op="cached_attention"):
-                            return ops.cached_attention(q, k, v)
-                    return F.scaled_dot_product_attention(q, k, v)
-            record = {"kind": "decode", "impl": impl, "B": b, "H": h, "S": s, "d": d,
-                      "dtype": str(dtype).removeprefix("torch.")}
-            _measure(out, timer, record, run, peers.decode_bytes(b, h, s, d, q.element_size()), "GB/s")
-
-
-def bench_elementwise(out, timer, dry, device, deadline):
-    import torch
-    import peers
-    dtype = torch.float32 if dry else torch.bfloat16
-    rows = 64 if dry else 8192
-    widths = [768] if dry else [768, 1600]
-    compile_backend = "aot_eager" if dry else "inductor"
-    for width, op in ((w, op) for w in widths for op in ("layer_norm", "dropout_add_layer_norm", "bias_gelu")):
-        n = 4 * width if op == "bias_gelu" else width
-        for impl in ("fastgpt", "eager", "torch.compile"):
-            if impl == "torch.compile" and width != widths[0]:
-                continue  # compiling costs seconds per graph: one width is enough for the peer
-            if time.monotonic() > deadline:
-                return
-            fn = peers.elementwise_op(op, "triton" if impl == "fastgpt" else "eager")
-            if impl == "torch.compile":
-                torch._dynamo.reset()
-                fn = torch.compile(fn, backend=compile_backend)
-            inputs = _elementwise_inputs(op, rows, n, device, dtype)
-            for direction in ("fwd", "bwd"):
-                record = {"kind": "elementwise", "op": op, "direction": direction, "impl": impl, "rows": rows,
-                          "width": n, "dtype": str(dtype).removeprefix("torch.")}
-                try:
-                    if direction == "fwd":
-                        def run():
-                            with torch.no_grad():
-                                return fn(*inputs)
-                    else:
-                        outputs = fn(*inputs)
-                        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-                        grads = [torch.randn_like(o) for o in outputs]
-                        leaves = [t for t in inputs if t.requires_grad]
-
-                        def run(outputs=outputs, grads=grads, leaves=leaves):
-                            return torch.autograd.grad(outputs, leaves, grads, retain_graph=True)
-                except Exception as error:
-                    record["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-                    emit(out, record)
-                    continue
-                work = peers.elementwise_bytes(op, direction, rows, n, torch.empty((), dtype=dtype).element_size())
-                _measure(out, timer, record, run, work, "GB/s")
-
-
-def _elementwise_inputs(op, rows, n, device, dtype):
-    import torch
-
-    def t(*shape, grad=True):
-        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
-    if op == "layer_norm":
-        return t(rows, n), t(n), t(n)
-    if op == "dropout_add_layer_norm":
-        return t(rows, n), t(rows, n), t(n), t(n)
-    return t(rows, n), t(n)
+def bench_sections(dry: bool) -> list:
+    """(name, cases) in the order they run: the suites' own cases (benchmarks/cases.py), GPU-sized or
+    tiny, the GPU sizes trimmed to the step's budget."""
+    import cases
+    ceilings = cases.ceiling_cases(copy_bytes=2**20, gemm_n=256) if dry else cases.ceiling_cases()
+    # Compiling costs seconds per graph: one width is enough for the torch.compile peer.
+    widths = cases.ELEMENTWISE_WIDTHS[:1] if dry else [768, 1600]
+    elementwise = cases.elementwise_cases(widths=widths[:1]) + cases.elementwise_cases(
+        widths=widths[1:], impls=[impl for impl in cases.ELEMENTWISE_IMPLEMENTATIONS if impl != "torch.compile"])
+    return [("ceilings", ceilings), ("attention", cases.attention_cases()), ("decode", cases.decode_cases()),
+            ("elementwise", elementwise)]
 
 
 def child_bench(out: Path, dry: bool, limit: float) -> None:
-    import torch
     from fastgpt.kernels import attention as attention_kernels
     started = time.monotonic()
     deadline = started + limit - 10
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timer = make_timer(dry)
     emitted = 0
     sys.path.insert(0, str(REPO / "benchmarks"))
-    for name, bench in (("ceilings", bench_ceilings), ("attention", bench_attention), ("decode", bench_decode),
-                        ("elementwise", bench_elementwise)):
+    for name, section in bench_sections(dry):
         if time.monotonic() > deadline:
             emit(out, {"kind": "skipped", "name": name, "reason": "out of time"})
             continue
         try:
-            bench(out, timer, dry, device) if name == "ceilings" else bench(out, timer, dry, device, deadline)
+            for case in section:
+                if time.monotonic() > deadline:
+                    emit(out, {"kind": "skipped", "name": name, "reason": "out of time"})
+                    break
+                measure(out, timer, case)
         except Exception as error:
             emit(out, {"kind": "error", "name": name, "error": traceback.format_exc()[-1500:]})
             print(f"bench {name} failed: {error}", file=sys.stderr)

@@ -13,7 +13,7 @@
   overrides the backend.
 * ``transformers``: ``GPT2LMHeadModel`` (SDPA attention) built from a
   ``GPT2Config`` with seeded random weights -- no download -- which fastgpt
-  loads through ``fastgpt.weights.state_dict_from_hf_gpt2``. Both tie the
+  loads through ``fastgpt.checkpoints.layouts.state_dict_from_hf_gpt2``. Both tie the
   output head to the token embedding, or neither does (``build_models(tied=)``).
 * training only: ``fastgpt (eager, fused loss)`` (CPU) and, on CUDA with
   ``liger-kernel`` installed, fastgpt's model with Liger-Kernel's fused loss.
@@ -36,8 +36,10 @@ from typing import Callable, Optional
 import torch
 
 import fastgpt
-from fastgpt import flops, ops
-from fastgpt.weights import config_from_hf_gpt2, state_dict_from_hf_gpt2
+from fastgpt import ops
+from fastgpt.checkpoints.hf_config import config_from_hf_gpt2
+from fastgpt.checkpoints.layouts import state_dict_from_hf_gpt2
+from fastgpt.profiling import flops
 from timing import ON_GPU
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: the weights are built here
@@ -72,6 +74,8 @@ class Settings:
 
 
 SETTINGS = Settings()
+# Interleaved rounds per shape without a GPU: a CPU run proves the harness (CI), its timings say little.
+CPU_ROUNDS = 2
 
 
 def model_config() -> dict:
@@ -125,6 +129,20 @@ def build_models(cfg: dict, seed: int = 0, tied: bool = True) -> Models:
     error = ((mine - theirs).norm() / theirs.norm()).item()
     assert error < 1e-4, f"fastgpt and transformers disagree on the same weights (relative error {error:.2e})"
     return Models(cfg, ours.to(DEVICE, DTYPE), hf.to(DEVICE, DTYPE))
+
+
+_session_models: dict = {}
+
+
+def shared_models(train: bool) -> Models:
+    """The forward, training and generation suites' models (``build_models`` of ``model_config()``),
+    built once per session, in train or eval mode. Dropout is 0: the mode changes no result."""
+    if "gpt2" not in _session_models:
+        _session_models["gpt2"] = build_models(model_config())
+    built = _session_models["gpt2"]
+    built.fastgpt.train(train)
+    built.hf.train(train)
+    return built
 
 
 def compile_model(model: torch.nn.Module, *, dynamic: Optional[bool] = False) -> torch.nn.Module:

@@ -30,12 +30,14 @@ SUITES = {"forward": "Model forward", "train step": "Training step (forward + ba
           "prefill": "Generation: prefill", "first token": "Generation: time to first token",
           "decode": "Generation: decode"}
 PLOTTED = ("forward", "train step", "prefill", "decode")
-IMPL_ORDER = ("fastgpt (triton)", "triton", "fastgpt (eager)", "eager", "kv cache", "torch.compile", "sdpa",
+IMPL_ORDER = ("fastgpt (triton)", "fastgpt", "triton", "fastgpt (eager)", "eager", "kv cache", "torch.compile", "sdpa",
               "eager reference", "no cache (seed loop)", "transformers")
 # Sections for the suites that record no extra_info["suite"], by test file.
-FILE_SECTIONS = {"test_kernel_speed": "Kernels: LayerNorm, GELU and their fusions",
-                 "test_attention_speed": "Kernels: causal attention and decode attention",
-                 "test_generation_speed": "Generation: KV cache vs the seed's no-cache loop"}
+FILE_SECTIONS = {"test_op_attention": "Op: causal attention",
+                 "test_op_decode_attention": "Op: decode attention",
+                 "test_op_layer_norm": "Op: LayerNorm and dropout + add + LayerNorm",
+                 "test_op_gelu": "Op: bias + GELU",
+                 "test_model_kv_cache": "Generation: KV cache vs the seed's no-cache loop"}
 EAGER = ("fastgpt (eager)", "eager")
 PEER = ("transformers",)
 METRICS = (("tokens/s", "tokens/s", "{:,.1f}"), ("TFLOP/s", "TFLOP/s", "{:,.4g}"), ("GB/s", "GB/s", "{:,.1f}"),

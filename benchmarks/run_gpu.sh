@@ -53,7 +53,8 @@ step() {  # step NAME LOG COMMAND...: run, tee to LOG, remember a failure
 step "gpu check" "$stem-check.log" "$python" benchmarks/gpu_check.py "$stem-check"
 step "tests" "$stem-tests.txt" "$python" -P -m pytest tests -q -p no:cacheprovider -n 8 \
     --junitxml "$stem-tests.xml"
-for suite in kernel_speed attention_speed model_forward model_training model_generation generation_speed; do
+for suite in op_attention op_decode_attention op_layer_norm op_gelu model_forward model_training model_generation \
+    model_kv_cache; do
     step "benchmark $suite" "$stem-bench-$suite.txt" "$python" -P -m pytest "benchmarks/test_$suite.py" --full \
         -p no:cacheprovider --benchmark-json "$stem-bench-$suite.json" --benchmark-group-by=group \
         --benchmark-columns=min,median,iqr,rounds

@@ -3,7 +3,7 @@
 Inference forward passes (no grad, full logits) over random token ids, in a
 sequence-length sweep at a fixed batch and a batch sweep at a fixed length.
 Each case records tokens/s and, from 2·N + 4·n_layers·T·emb_dim model FLOPs
-per token (fastgpt/flops.py), TFLOP/s and MFU where the GPU's peak is known.
+per token (fastgpt/profiling/flops.py), TFLOP/s and MFU where the GPU's peak is known.
 One group per shape, so pytest-benchmark's tables compare the
 implementations side by side; the implementations of a shape are timed in
 interleaved rounds (interleaved.py), so their ratios come from the same rounds.
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import interleaved
-from fastgpt import flops
-from models import (DTYPE_NAME, MODEL_NAME, ON_GPU, SETTINGS, build_models, cases, check_paths, forward_fn,
-                    model_config, random_ids, record, shared_rounds, start_counting)
+from fastgpt.profiling import flops
+from models import (CPU_ROUNDS, DTYPE_NAME, MODEL_NAME, ON_GPU, SETTINGS, cases, check_paths, forward_fn, random_ids,
+                    record, shared_rounds, start_counting)
 
 if ON_GPU and SETTINGS.full:
     SEQ_SWEEP = [(8, t) for t in (128, 256, 512, 1024)]
@@ -28,15 +28,7 @@ else:
     SEQ_SWEEP, BATCH_SWEEP = [(1, 32), (1, 64), (1, 128)], [(4, 64)]
 SHAPES = SEQ_SWEEP + [shape for shape in BATCH_SWEEP if shape not in SEQ_SWEEP]
 CASES = cases(SHAPES)
-ROUNDS = 20 if ON_GPU else 5
-
-
-@pytest.fixture(scope="module")
-def models():
-    built = build_models(model_config())
-    built.fastgpt.eval()
-    built.hf.eval()
-    return built
+ROUNDS = 20 if ON_GPU else CPU_ROUNDS
 
 
 def _contenders(models, batch, seq_len):

@@ -24,7 +24,7 @@ each:
 The implementations of one measurement and prompt are timed in interleaved
 rounds (interleaved.py), so their ratios come from the same rounds.
 
-benchmarks/test_generation_speed.py compares the KV cache with the seed's
+benchmarks/test_model_kv_cache.py compares the KV cache with the seed's
 no-cache loop; this suite compares implementations.
 
     pytest benchmarks/test_model_generation.py [--full] --benchmark-json out.json
@@ -36,8 +36,8 @@ import torch
 import fastgpt
 import interleaved
 from fastgpt import ops
-from models import (DTYPE_NAME, MODEL_NAME, ON_GPU, SETTINGS, backend_of, build_models, cases, check_paths,
-                    compile_model, hf_cache, hf_crop, hf_step, model_config, random_ids, record, shared_rounds,
+from models import (CPU_ROUNDS, DTYPE_NAME, MODEL_NAME, ON_GPU, SETTINGS, backend_of, cases, check_paths,
+                    compile_model, hf_cache, hf_crop, hf_step, random_ids, record, shared_rounds,
                     start_counting)
 
 if ON_GPU and SETTINGS.full:
@@ -48,15 +48,7 @@ elif ON_GPU:
 else:
     PROMPTS, NEW_TOKENS = [(1, 32), (1, 96)], 16
 CASES = cases(PROMPTS)
-ROUNDS = 10 if ON_GPU else 3
-
-
-@pytest.fixture(scope="module")
-def models():
-    built = build_models(model_config())
-    built.fastgpt.eval()
-    built.hf.eval()
-    return built
+ROUNDS = 10 if ON_GPU else CPU_ROUNDS
 
 
 def _group(what, batch, prompt):
@@ -91,8 +83,15 @@ def _contender(impl, run, setup, check):
     return contender
 
 
-def _measured(benchmark, key, build, impl):
-    contenders, measured = shared_rounds(key, build, ROUNDS, benchmark.disabled)
+def _each_impl(batch, prompt_len, make, check):
+    """{impl: contender} of one prompt shape; ``make(impl)`` returns the call to time and its untimed setup."""
+    return {impl: _contender(impl, *make(impl), check) for impl in _impls(batch, prompt_len)}
+
+
+def _measured(benchmark, what, batch, prompt_len, impl, build, label=None):
+    """Time (once per shape: shared_rounds) the contenders ``build`` makes; report ``impl``'s; its paths."""
+    benchmark.group = _group(label or what, batch, prompt_len)
+    contenders, measured = shared_rounds((what, batch, prompt_len), build, ROUNDS, benchmark.disabled)
     interleaved.report(benchmark, measured[impl], measured)
     return contenders[impl].info["paths"]
 
@@ -103,8 +102,7 @@ def _prefill_contenders(models, batch, prompt_len):
     def check(logits):
         assert logits.shape[0] == batch and logits.shape[-1] == models.cfg["vocab_size"]
 
-    contenders = {}
-    for impl in _impls(batch, prompt_len):
+    def make(impl):
         if impl == "transformers":
             def setup():
                 return (hf_cache(models.hf),)
@@ -120,15 +118,15 @@ def _prefill_contenders(models, batch, prompt_len):
                 with ops.use_backend(backend):
                     return model(prompt, kv_cache=cache, last_logits_only=True)
 
-        contenders[impl] = _contender(impl, lambda cache, prefill=prefill: _inference(prefill, cache), setup, check)
-    return contenders
+        return (lambda cache: _inference(prefill, cache)), setup
+
+    return _each_impl(batch, prompt_len, make, check)
 
 
 @pytest.mark.parametrize("batch,prompt_len,impl", CASES)
 def test_prefill(benchmark, models, batch, prompt_len, impl):
-    benchmark.group = _group("prefill", batch, prompt_len)
-    paths = _measured(benchmark, ("prefill", batch, prompt_len),
-                      lambda: _prefill_contenders(models, batch, prompt_len), impl)
+    paths = _measured(benchmark, "prefill", batch, prompt_len, impl,
+                      lambda: _prefill_contenders(models, batch, prompt_len))
     record(benchmark, impl, "prefill", batch, prompt_len, tokens=batch * prompt_len, paths=paths)
 
 
@@ -139,8 +137,7 @@ def _first_token_contenders(models, batch, prompt_len):
     def check(token):
         assert token.shape == (batch, 1)
 
-    contenders = {}
-    for impl in _impls(batch, prompt_len):
+    def make(impl):
         if impl == "transformers":
             def first_token():
                 with torch.inference_mode():
@@ -160,15 +157,15 @@ def _first_token_contenders(models, batch, prompt_len):
                     stream.close()
                 return token
 
-        contenders[impl] = _contender(impl, first_token, None, check)
-    return contenders
+        return first_token, None
+
+    return _each_impl(batch, prompt_len, make, check)
 
 
 @pytest.mark.parametrize("batch,prompt_len,impl", CASES)
 def test_first_token(benchmark, models, batch, prompt_len, impl):
-    benchmark.group = _group("first token", batch, prompt_len)
-    paths = _measured(benchmark, ("first token", batch, prompt_len),
-                      lambda: _first_token_contenders(models, batch, prompt_len), impl)
+    paths = _measured(benchmark, "first token", batch, prompt_len, impl,
+                      lambda: _first_token_contenders(models, batch, prompt_len))
     record(benchmark, impl, "first token", batch, prompt_len, tokens=None, paths=paths, new_tokens=1)
 
 
@@ -179,8 +176,7 @@ def _decode_contenders(models, batch, prompt_len):
     def check(tokens):
         assert tokens.shape == (batch, NEW_TOKENS)
 
-    contenders = {}
-    for impl in _impls(batch, prompt_len):
+    def make(impl):
         if impl in ("fastgpt-triton", "fastgpt-eager"):
             backend = backend_of(impl)
 
@@ -229,14 +225,14 @@ def _decode_contenders(models, batch, prompt_len):
                         tokens.append(token)
                     return torch.cat(tokens, dim=1)
 
-        contenders[impl] = _contender(impl, decode, setup, check)
-    return contenders
+        return decode, setup
+
+    return _each_impl(batch, prompt_len, make, check)
 
 
 @pytest.mark.parametrize("batch,prompt_len,impl", CASES)
 def test_decode(benchmark, models, batch, prompt_len, impl):
-    benchmark.group = _group(f"decode {NEW_TOKENS} tokens", batch, prompt_len)
-    paths = _measured(benchmark, ("decode", batch, prompt_len),
-                      lambda: _decode_contenders(models, batch, prompt_len), impl)
+    paths = _measured(benchmark, "decode", batch, prompt_len, impl,
+                      lambda: _decode_contenders(models, batch, prompt_len), label=f"decode {NEW_TOKENS} tokens")
     record(benchmark, impl, "decode", batch, prompt_len, tokens=batch * NEW_TOKENS, paths=paths,
            new_tokens=NEW_TOKENS)

@@ -20,7 +20,7 @@ Each round runs every implementation of a shape once (interleaved.py); each
 case records the median forward + backward and optimizer times separately, and
 the peak memory of one step (growth above what the model, its optimizer state
 and the batch hold before it). MFU counts 6·N + 12·n_layers·T·emb_dim model
-FLOPs per token (fastgpt/flops.py) against the GPU's dense peak.
+FLOPs per token (fastgpt/profiling/flops.py) against the GPU's dense peak.
 
 ``test_fused_loss_memory`` runs GPT-2 small's width and vocabulary (one block)
 at batch 4 × 256 on the CPU: the fused loss against the unfused one.
@@ -34,10 +34,11 @@ import torch.nn.functional as F
 
 import fastgpt
 import interleaved
-from fastgpt import flops, ops
-from models import (DEVICE, DTYPE, DTYPE_NAME, MODEL_NAME, ON_GPU, SETTINGS, Models, backend_of, build_models,
-                    cases, check_paths, compile_model, fastest_adamw, model_config, random_ids, record,
-                    shared_rounds, start_counting)
+from fastgpt import ops
+from fastgpt.profiling import flops
+from models import (CPU_ROUNDS, DEVICE, DTYPE, DTYPE_NAME, MODEL_NAME, ON_GPU, SETTINGS, Models, backend_of, cases,
+                    check_paths, compile_model, fastest_adamw, random_ids, record, shared_rounds,
+                    start_counting)
 
 if ON_GPU and SETTINGS.full:
     SEQ_SWEEP = [(8, t) for t in (128, 256, 512, 1024)]
@@ -50,9 +51,10 @@ SHAPES = SEQ_SWEEP + [shape for shape in BATCH_SWEEP if shape not in SEQ_SWEEP]
 IMPLEMENTATIONS = (["fastgpt-triton", "fastgpt-eager", "torch.compile", "transformers", "liger"] if ON_GPU
                    else ["fastgpt-fused", "fastgpt-eager", "torch.compile", "transformers"])
 CASES = cases(SHAPES, IMPLEMENTATIONS)
-ROUNDS = 10 if ON_GPU else 3
+ROUNDS = 10 if ON_GPU else CPU_ROUNDS
 LEARNING_RATE = 1e-4
 FUSED_LOSS = ("fastgpt-triton", "fastgpt-fused")
+TRAIN_MODE = True  # the ``models`` fixture (conftest.py) in train mode; tied output head in both models
 
 
 def _liger_loss():
@@ -124,14 +126,6 @@ def _contenders(models, batch, seq_len, impls):
     return contenders
 
 
-@pytest.fixture(scope="module")
-def models():
-    built = build_models(model_config(), tied=True)
-    built.fastgpt.train()
-    built.hf.train()
-    return built
-
-
 def _available(impls):
     return [impl for impl in impls if impl != "liger" or _liger_loss()[0] is not None]
 
@@ -172,7 +166,7 @@ def test_fused_loss_memory(benchmark, wide_model, batch, seq_len, impl):
     benchmark.group = f"train step · gpt2-small width, 1 block {DTYPE_NAME} · batch {batch} × seq {seq_len}"
     contenders, measured = shared_rounds(
         ("memory", batch, seq_len), lambda: _contenders(wide_model, batch, seq_len, ["fastgpt-fused", "fastgpt-eager"]),
-        ROUNDS, benchmark.disabled)
+        1, benchmark.disabled)  # a memory check: one timed round (~2 s a step at this size on a CPU)
     interleaved.report(benchmark, measured[impl], measured)
     logits_bytes = batch * seq_len * MEMORY_CFG["vocab_size"] * torch.finfo(DTYPE).bits // 8
     fused, unfused = (measured[name].peak_memory_bytes for name in ("fastgpt-fused", "fastgpt-eager"))
