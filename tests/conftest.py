@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Attention tests run one pinned tile config (small tiles: short sequences
 # cross several tiles; on sm_90 the half-precision d = 64 one is the smallest
-# wgmma tile, 64 × 64); test_kernels_attention.py runs every tuned config on a GPU.
+# wgmma tile, 64 × 64); test_attention.py runs every tuned config on a GPU.
 os.environ.setdefault("FASTGPT_ATTENTION_PINNED", "1")
 
 import pytest  # noqa: E402

@@ -9,14 +9,14 @@ TINY = {"vocab_size": 97, "context_length": 40, "emb_dim": 64, "n_heads": 4,
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 (DESIGN.md's measure). NaN anywhere fails."""
+    """‖out − ref‖ / ‖ref‖ in float64 (docs/design.md's measure). NaN anywhere fails."""
     out, ref = out.detach().double(), ref.detach().double()
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), "output has NaN/inf"
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-# DESIGN.md's tolerances, relative to a float64 reference: (forward, gradients).
+# docs/design.md's tolerances, relative to a float64 reference: (forward, gradients).
 # float32 means full-precision dots: PyTorch's default, which the kernels follow on
 # a GPU too (tl.dot with input_precision "tf32x3"; the interpreter multiplies exactly).
 TOLERANCES = {

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CP
 
 
 def _pytest(*args):
-    # The pytest script, not `python -m pytest`: the repository root stays off sys.path (DESIGN.md).
+    # The pytest script, not `python -m pytest`: the repository root stays off sys.path (docs/design.md).
     script = Path(sys.executable).parent / "pytest"
     return subprocess.run([str(script), "-p", "no:cacheprovider", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)

@@ -279,7 +279,7 @@ def test_compare_needs_triton_to_run_somewhere(monkeypatch):
         compare(config=TINY, backend="eager")
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or not ops._interpreter_on(), reason="the interpreter run is for CPUs")
+@pytest.mark.skipif(torch.cuda.is_available() or not ops.interpreter_on(), reason="the interpreter run is for CPUs")
 def test_compare_runs_eager_and_triton_on_the_same_model_under_the_interpreter():
     comparison = compare(config={**TINY, "n_layers": 1}, seq_len=8, warmup=0, iters=1)
     eager, triton = comparison.eager, comparison.triton

@@ -1,20 +1,25 @@
-"""Fused causal attention kernels: parity with float64 forward and backward, dropout, strided inputs.
+"""Fused causal attention kernels: parity with float64 forward and backward, dropout, strided inputs;
+hypothesis properties over shapes, dtypes, layouts and dropout rates; every tuned tile on a GPU.
 
 Without a GPU these run under the Triton interpreter with the pinned tile
-config (kernels/attention.py: pinned()), small enough that every T ≥ 64 below crosses
+config (kernels/attention_configs.py: pinned()), small enough that every T ≥ 64 below crosses
 several tiles (on sm_90 half-precision d = 64 pins the 64 × 64 wgmma tile: T ≥ 100 cross). bfloat16 is not tested here: the interpreter's tl.dot on bf16
-is broken (DESIGN.md, Triton issue 11584); the GPU run covers it.
+is broken (docs/design.md, Triton issue 11584); the GPU run covers it.
 """
 
 import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastgpt
+from catalogue_launches import launches_in_the_catalogue
 from fastgpt import ops
 from fastgpt.kernels.dropout import quantize
 from helpers import TF32_TOLERANCES, TOLERANCES, kernel_device, rel_err
+from op_cases import DOT_DTYPES, assert_triton_ran, bottom_right_reference, check_grad, fresh_counts, kernel_settings
 
 DEVICE = kernel_device()
 
@@ -82,7 +87,6 @@ def _forward_paths(launches):
 def test_the_tma_forward_matches_float64_on_the_projection_layout(monkeypatch, t):
     # The sm_90 path (host-side tensor descriptors), forced under the interpreter on the
     # model's (B, T, H·d) projection layout; the backward is the same either way.
-    from catalogue_launches import launches_in_the_catalogue
     from fastgpt.kernels import attention
     monkeypatch.setattr(attention, "TMA_POLICY", "always")
     monkeypatch.setattr(attention, "arch_family", lambda device: "sm90")  # and sm_90's pinned tile
@@ -102,7 +106,6 @@ def test_the_tma_forward_matches_float64_on_the_projection_layout(monkeypatch, t
 @pytest.mark.parametrize("q_len,kv_len", [(17, 40), (40, 41), (33, 100), (64, 64)])
 def test_a_chunked_prefill_runs_the_forward_kernel_with_a_bottom_right_mask(monkeypatch, q_len, kv_len, use_tma):
     from fastgpt.kernels import attention
-    from test_kernels_decode_attention import _bottom_right_reference
     monkeypatch.setattr(attention, "TMA_POLICY", "always" if use_tma else "never")
     if use_tma:  # an sm_90 launch: its pinned tile too
         monkeypatch.setattr(attention, "arch_family", lambda device: "sm90")
@@ -113,7 +116,7 @@ def test_a_chunked_prefill_runs_the_forward_kernel_with_a_bottom_right_mask(monk
     with torch.no_grad():
         out = ops.cached_attention(q, k, v)
     assert out.shape == q.shape and out.dtype == dtype
-    assert rel_err(out, _bottom_right_reference(q, k, v)) <= TOLERANCES[dtype][0]
+    assert rel_err(out, bottom_right_reference(q, k, v)) <= TOLERANCES[dtype][0]
     counted = "causal_attention" if q_len == kv_len else "cached_attention"
     assert ops.dispatch_counts == {(counted, "triton"): 1}
 
@@ -199,9 +202,9 @@ def test_attention_custom_op_passes_torch_library_opcheck():
 
 def _tuned_configs():
     """Every (kind, head_dim, dtype, dropout, config) some arch family's table lists."""
-    from fastgpt.kernels import attention
+    from fastgpt.kernels import attention_configs
     seen = set()
-    for kind, table in attention.TABLES.items():
+    for kind, table in attention_configs.TABLES.items():
         for (_, d, fp32, dropout), configs in table.items():
             for config in configs:
                 for p in ((0.0, 0.1) if dropout is None else (0.1 if dropout else 0.0,)):
@@ -242,7 +245,6 @@ def _fp32_precision(setting):
 
 @pytest.mark.parametrize("setting,precision", [("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32")])
 def test_float32_dots_follow_pytorchs_tf32_switch(setting, precision):
-    from catalogue_launches import launches_in_the_catalogue
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 20, 32, torch.float32))
     with _fp32_precision(setting), launches_in_the_catalogue() as launches:
         ops.causal_attention(q, k, v, dropout_p=0.1).sum().backward()
@@ -262,3 +264,51 @@ def test_float32_is_full_precision_by_default_and_tf32_only_when_allowed_on_gpu(
         tf32 = rel_err(ops.causal_attention(q, k, v), ref)
     assert full <= TOLERANCES[torch.float32][0]
     assert TOLERANCES[torch.float32][0] < tf32 <= TF32_TOLERANCES[0]  # TF32 really ran, within its bound
+
+
+# ---------------------------------------------------------------- properties (hypothesis)
+
+ATTENTION_LAYOUTS = ["contiguous", "projection", "fused qkv", "broadcast batch"]
+
+
+def attention_inputs(b, h, t, d, dtype, layout, seed):
+    """Three (leaf, view) pairs for q, k, v of shape (b, h, t, d) in one of the layouts the model makes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*dims):
+        return torch.randn(*dims, generator=g).to(dtype).to(DEVICE).requires_grad_()
+
+    if layout == "projection":  # (B, T, H·d) projections viewed as (B, H, T, d)
+        return [(randn(b, t, h, d), lambda x: x.transpose(1, 2)) for _ in range(3)]
+    if layout == "fused qkv":  # one (B, T, 3, H, d) matmul output, sliced
+        leaf = randn(b, t, 3, h, d)
+        return [(leaf, lambda x, i=i: x[:, :, i].transpose(1, 2)) for i in range(3)]
+    if layout == "broadcast batch":  # stride 0 across the batch
+        return [(randn(1, h, t, d), lambda x: x.expand(b, h, t, d)) for _ in range(3)]
+    return [(randn(b, h, t, d), lambda x: x) for _ in range(3)]
+
+
+@kernel_settings(10)
+@given(b=st.integers(1, 2), h=st.integers(1, 2), t=st.integers(1, 64), d=st.sampled_from([32, 64]),
+       dtype=st.sampled_from(DOT_DTYPES), layout=st.sampled_from(ATTENTION_LAYOUTS),
+       p=st.one_of(st.just(0.0), st.floats(0.05, 0.5)), seed=st.integers(0, 2**16))
+def test_causal_attention_matches_float64(b, h, t, d, dtype, layout, p, seed):
+    fresh_counts()
+    inputs = attention_inputs(b, h, t, d, dtype, layout, seed)
+    with launches_in_the_catalogue():
+        torch.manual_seed(seed)
+        out = ops.causal_attention(*(view(leaf) for leaf, view in inputs), dropout_p=p)
+        do = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
+        out.backward(do)
+        keep = _keep_mask(b, h, t, d, p, dtype, torch_seed=seed) if p > 0 else None
+    # One float64 copy per distinct leaf: with fused qkv one leaf holds all three gradients.
+    leaves = {id(leaf): (leaf, leaf.detach().double().requires_grad_()) for leaf, _ in inputs}
+    ref = _reference(*(view(leaves[id(leaf)][1]) for leaf, view in inputs), keep, p)
+    ref.backward(do.double())
+
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    assert out.shape == (b, h, t, d) and out.dtype == dtype
+    assert rel_err(out, ref) <= fwd_tol
+    for leaf, leaf64 in leaves.values():
+        check_grad(leaf.grad, leaf64.grad, grad_tol, "dq/dk/dv")
+    assert_triton_ran("causal_attention")

@@ -1,4 +1,5 @@
-"""LayerNorm kernels (plain, and fused with residual add + dropout): parity with float64, forward and backward.
+"""LayerNorm kernels (plain, and fused with residual add + dropout): parity with float64, forward and
+backward; hypothesis properties over shapes, dtypes and memory layouts; autocast's dtype mixes.
 
 Without a GPU these run under the Triton interpreter (conftest.py sets
 TRITON_INTERPRET=1); every test checks the Triton path really ran.
@@ -9,11 +10,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastgpt
+from catalogue_launches import launches_in_the_catalogue
 from fastgpt import ops
 from fastgpt.kernels.dropout import quantize
 from helpers import TOLERANCES, kernel_device, rel_err
+from op_cases import (ALL_DTYPES, HALF_DTYPES, LAYOUTS, as_float64, assert_triton_ran, autocast_cases,
+                      check_autocast_case, check_grad, fresh_counts, kernel_settings, make_input, rows)
 
 DEVICE = kernel_device()
 
@@ -39,14 +45,6 @@ def _reference_grads(fn, tensors, dy):
     return out.detach(), [leaf.grad for leaf in leaves]
 
 
-def _check_grad(out_grad, ref_grad, tol, name):
-    if ref_grad.norm() < 1e-9:
-        # e.g. dx of a width-1 row: zero in exact arithmetic.
-        assert out_grad.double().abs().max() <= 1e-5, name
-    else:
-        assert rel_err(out_grad, ref_grad) <= tol, name
-
-
 SHAPES = [(1, 1), (1, 17), (1, 768), (1, 1600), (1000, 17), (37, 768), (5, 1600), (2, 3, 100)]
 # float32 on every shape; the half types on all but the 1000-row one (interpreter time).
 CASES = [(shape, torch.float32) for shape in SHAPES] + [
@@ -65,7 +63,7 @@ def test_layer_norm_forward_and_backward_match_float64(shape, dtype):
     assert rel_err(y, ref) <= fwd_tol
     for leaf, ref_grad, name in zip(leaves, ref_grads, ("dx", "dw", "db")):
         assert leaf.grad.dtype == dtype
-        _check_grad(leaf.grad, ref_grad, grad_tol, name)
+        check_grad(leaf.grad, ref_grad, grad_tol, name)
     assert ops.dispatch_counts == {("layer_norm", "triton"): 1}
 
 
@@ -130,7 +128,7 @@ def test_dropout_add_layer_norm_matches_the_reference_with_its_keep_mask(shape, 
     (h_ref * dh.double()).sum().add((y_ref * dy.double()).sum()).backward()
     assert rel_err(h, h_ref) <= fwd_tol and rel_err(y, y_ref) <= fwd_tol
     for leaf, ref_leaf, name in zip(leaves, leaves64, ("dx", "dbranch", "dw", "db")):
-        _check_grad(leaf.grad, ref_leaf.grad, grad_tol, name)
+        check_grad(leaf.grad, ref_leaf.grad, grad_tol, name)
     if p > 0:
         assert torch.all(leaves[1].grad[keep == 0] == 0), "backward must drop exactly what forward dropped"
     assert ops.dispatch_counts == {("dropout_add_layer_norm", "triton"): 1}
@@ -175,3 +173,79 @@ def test_custom_ops_pass_torch_library_opcheck():
     seed = torch.tensor([1234], device=DEVICE)
     torch.library.opcheck(torch.ops.fastgpt.dropout_add_layer_norm.default,
                           (x, branch.requires_grad_(), w, b, 1e-5, 0.0, seed))
+
+
+# ---------------------------------------------------------------- properties (hypothesis)
+
+widths = st.one_of(st.integers(1, 300), st.sampled_from([768, 1600, 4096]))
+
+
+@kernel_settings(12)
+@given(rows=rows, width=widths, dtype=st.sampled_from(ALL_DTYPES), layout=st.sampled_from(LAYOUTS),
+       float32_params=st.booleans(), seed=st.integers(0, 2**16))
+def test_layer_norm_matches_float64(rows, width, dtype, layout, float32_params, seed):
+    fresh_counts()
+    shape = (*rows, width)
+    x_leaf, view = make_input(shape, dtype, layout, seed, scale=3.0, shift=1.0)
+    param_dtype = torch.float32 if float32_params else dtype  # float32 params: autocast's mix
+    w_leaf, _ = make_input((width,), param_dtype, "contiguous", seed + 1, scale=0.5, shift=1.0)
+    b_leaf, _ = make_input((width,), param_dtype, "contiguous", seed + 2)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 3)).to(dtype).to(DEVICE)
+
+    with launches_in_the_catalogue():
+        y = ops.layer_norm(view(x_leaf), w_leaf, b_leaf, 1e-5)
+        y.backward(dy)
+    x64, xv64 = as_float64(x_leaf, view)
+    w64, b64 = (t.detach().double().requires_grad_() for t in (w_leaf, b_leaf))
+    ref = F.layer_norm(xv64, (width,), w64, b64, 1e-5)
+    ref.backward(dy.double())
+
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    assert y.shape == shape and y.dtype == dtype
+    assert rel_err(y, ref) <= fwd_tol
+    for leaf, leaf64, name in ((x_leaf, x64, "dx"), (w_leaf, w64, "dw"), (b_leaf, b64, "db")):
+        assert leaf.grad.dtype == leaf.dtype, name
+        check_grad(leaf.grad, leaf64.grad, grad_tol, name)
+    assert_triton_ran("layer_norm")
+
+
+@kernel_settings(10)
+@given(rows=rows, width=st.integers(1, 200), dtype=st.sampled_from(ALL_DTYPES), layout=st.sampled_from(LAYOUTS),
+       p=st.one_of(st.just(0.0), st.floats(0.05, 0.6)), seed=st.integers(0, 2**16))
+def test_dropout_add_layer_norm_matches_float64_with_its_keep_mask(rows, width, dtype, layout, p, seed):
+    fresh_counts()
+    shape = (*rows, width)
+    x_leaf, x_view = make_input(shape, dtype, layout, seed, scale=2.0)
+    branch_leaf, branch_view = make_input(shape, dtype, "contiguous", seed + 1)
+    w_leaf, _ = make_input((width,), dtype, "contiguous", seed + 2, scale=0.5, shift=1.0)
+    b_leaf, _ = make_input((width,), dtype, "contiguous", seed + 3)
+    g = torch.Generator().manual_seed(seed + 4)
+    dh, dy = (torch.randn(shape, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+
+    with launches_in_the_catalogue():
+        torch.manual_seed(seed)
+        h, y = ops.dropout_add_layer_norm(x_view(x_leaf), branch_view(branch_leaf), w_leaf, b_leaf, 1e-5, p)
+        (h.float() * dh.float()).sum().add((y.float() * dy.float()).sum()).backward()
+        keep = _keep_mask(shape, dtype, p, torch_seed=seed)  # the same seed draws the same mask
+    leaves64 = [as_float64(x_leaf, x_view), as_float64(branch_leaf, branch_view)]
+    w64, b64 = (t.detach().double().requires_grad_() for t in (w_leaf, b_leaf))
+    h_ref, y_ref = _dropout_add_reference(leaves64[0][1], leaves64[1][1], w64, b64, keep, p)
+    (h_ref * dh.double()).sum().add((y_ref * dy.double()).sum()).backward()
+
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    assert rel_err(h, h_ref) <= fwd_tol and rel_err(y, y_ref) <= fwd_tol
+    pairs = ((x_leaf, leaves64[0][0], "dx"), (branch_leaf, leaves64[1][0], "dbranch"), (w_leaf, w64, "dw"),
+             (b_leaf, b64, "db"))
+    for leaf, leaf64, name in pairs:
+        check_grad(leaf.grad, leaf64.grad, grad_tol, name)
+    if p > 0:
+        assert torch.all(branch_leaf.grad[keep == 0] == 0), "backward drops exactly what forward dropped"
+    assert_triton_ran("dropout_add_layer_norm")
+
+
+# ---------------------------------------------------------------- mixed precision
+
+@pytest.mark.parametrize("case", autocast_cases("layer_norm", "dropout_add_layer_norm"))
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_takes_autocast_dtype_mixes_like_eager(dtype, case):
+    check_autocast_case(case, dtype)

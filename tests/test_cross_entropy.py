@@ -2,7 +2,7 @@
 
 The eager path is checked against ``F.cross_entropy`` on the materialised
 logits (the issue's bar: loss and every gradient within 1e-5 in float32); the
-Triton kernel against a float64 reference under the interpreter (DESIGN.md's
+Triton kernel against a float64 reference under the interpreter (docs/design.md's
 tolerances), with its outputs poisoned and its dispatch counted.
 """
 

@@ -1,12 +1,18 @@
-"""GELU kernels (plain, and with the FeedForward bias fused in): parity with float64, forward and backward."""
+"""GELU kernels (plain, and with the FeedForward bias fused in): parity with float64, forward and backward;
+hypothesis properties over shapes, dtypes and memory layouts; autocast's dtype mixes."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 import fastgpt
+from catalogue_launches import launches_in_the_catalogue
 from fastgpt import ops
 from helpers import TOLERANCES, kernel_device, rel_err
+from op_cases import (ALL_DTYPES, HALF_DTYPES, LAYOUTS, as_float64, assert_triton_ran, autocast_cases,
+                      check_autocast_case, check_grad, fresh_counts, kernel_settings, make_input, rows)
 
 DEVICE = kernel_device()
 
@@ -86,3 +92,64 @@ def test_linear_gelu_refuses_mismatched_shapes_when_forced():
     x = torch.randn(2, 8, device=DEVICE)
     with pytest.raises(fastgpt.BackendError, match="does not fit input width 8"):
         ops.linear_gelu(x, torch.randn(16, 9, device=DEVICE), torch.randn(16, device=DEVICE))
+
+
+# ---------------------------------------------------------------- properties (hypothesis)
+
+def _rounding(ref, dtype):
+    """The relative error of ``ref`` rounded to ``dtype``, allowed on top of the tolerance: GELU's far
+    negative tail (and its slope there) lies below float16's smallest subnormal, where even the
+    exact answer rounds to 0."""
+    return rel_err(ref.to(dtype), ref)
+
+
+@kernel_settings(10)
+@given(shape=st.lists(st.integers(1, 40), min_size=0, max_size=3), dtype=st.sampled_from(ALL_DTYPES),
+       layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**16))
+@example(shape=[13], dtype=torch.float16, layout="broadcast", seed=46178)  # one x near -6.5: every y rounds to -0
+def test_gelu_matches_float64(shape, dtype, layout, seed):
+    fresh_counts()
+    x_leaf, view = make_input(shape, dtype, layout, seed, scale=3.0)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
+    with launches_in_the_catalogue():
+        y = ops.gelu(view(x_leaf))
+        y.backward(dy)
+    x64, xv64 = as_float64(x_leaf, view)
+    ref = F.gelu(xv64, approximate="tanh")
+    ref.backward(dy.double())
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    assert y.shape == tuple(shape) and y.dtype == dtype
+    assert rel_err(y, ref) <= fwd_tol + _rounding(ref, dtype)
+    check_grad(x_leaf.grad, x64.grad, grad_tol + _rounding(x64.grad, dtype), "dx")
+    assert_triton_ran("gelu")
+
+
+@kernel_settings(8)
+@given(rows=rows, width_in=st.integers(1, 64), width_out=st.integers(1, 300), dtype=st.sampled_from(ALL_DTYPES),
+       layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**16))
+def test_linear_gelu_matches_float64(rows, width_in, width_out, dtype, layout, seed):
+    fresh_counts()
+    x_leaf, view = make_input((*rows, width_in), dtype, layout, seed)
+    w_leaf, _ = make_input((width_out, width_in), dtype, "contiguous", seed + 1, scale=width_in ** -0.5)
+    b_leaf, _ = make_input((width_out,), dtype, "contiguous", seed + 2)
+    dy = torch.randn(*rows, width_out, generator=torch.Generator().manual_seed(seed + 3)).to(dtype).to(DEVICE)
+    with launches_in_the_catalogue():
+        y = ops.linear_gelu(view(x_leaf), w_leaf, b_leaf)
+        y.backward(dy)
+    x64, xv64 = as_float64(x_leaf, view)
+    w64, b64 = (t.detach().double().requires_grad_() for t in (w_leaf, b_leaf))
+    ref = F.gelu(F.linear(xv64, w64, b64), approximate="tanh")
+    ref.backward(dy.double())
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    assert rel_err(y, ref) <= fwd_tol
+    for leaf, leaf64, name in ((x_leaf, x64, "dx"), (w_leaf, w64, "dw"), (b_leaf, b64, "db")):
+        check_grad(leaf.grad, leaf64.grad, grad_tol, name)
+    assert_triton_ran("linear_gelu")
+
+
+# ---------------------------------------------------------------- mixed precision
+
+@pytest.mark.parametrize("case", autocast_cases("linear_gelu"))
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_takes_autocast_dtype_mixes_like_eager(dtype, case):
+    check_autocast_case(case, dtype)
