@@ -1,6 +1,6 @@
 """GPT-2, as the "LLMs from scratch" GPTModel, with its hot ops routed through fastgpt.ops.
 
-Drop-in contract (DESIGN.md): the same config dict, the same module names and
+Drop-in contract (docs/design.md): the same config dict, the same module names and
 state-dict keys (``att.mask`` included), the same parameter creation order and
 initialisers -- so ``torch.manual_seed(s); GPTModel(cfg)`` draws the seed's
 weights bit for bit -- and the same maths: pre-LN blocks, LayerNorm (eps 1e-5,

@@ -41,6 +41,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from fastgpt.kernels.runtime import interpreter_on  # torch only, never Triton
+
 BACKENDS = ("auto", "triton", "eager")
 OPS = ("layer_norm", "gelu", "causal_attention", "linear_gelu", "dropout_add_layer_norm", "cached_attention",
        "linear_cross_entropy")
@@ -276,9 +278,6 @@ def _triton_kernel(op: str) -> Optional[tuple[Callable, Callable[..., Optional[s
     return _loaded[op]
 
 
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def forced_triton_problem(device: torch.device) -> Optional[str]:
     """Why the ops forced to ``triton`` here cannot run on ``device``, or None (also when none is forced).
@@ -293,7 +292,7 @@ def forced_triton_problem(device: torch.device) -> Optional[str]:
     who = "backend 'triton' is forced" + ("" if len(forced) == len(OPS) else f" for {', '.join(forced)}")
     if triton_status() is not None:
         return f"{who} but {triton_status()}"
-    if device.type != "cuda" and not _interpreter_on():
+    if device.type != "cuda" and not interpreter_on():
         return (f"{who} on a {device.type} device; Triton runs on CUDA devices, or on a CPU under its interpreter "
                 "(set TRITON_INTERPRET=1; correct but about 1000x slower, so it checks paths, not speed)")
     return None
@@ -325,7 +324,7 @@ def select_path(op: str, x: torch.Tensor, *args, **kwargs) -> tuple[str, Optiona
             f"{op}: backend 'triton' is forced but fastgpt has no Triton kernel for {op} yet; "
             f"use backend 'auto' or 'eager' for it (set_backend('auto', op={op!r}))"
         )
-    if x.device.type != "cuda" and not _interpreter_on():
+    if x.device.type != "cuda" and not interpreter_on():
         raise BackendError(
             f"{op}: backend 'triton' is forced on a {x.device.type} tensor; Triton runs on CUDA tensors, "
             "or on CPU tensors under the interpreter (set TRITON_INTERPRET=1 before importing fastgpt)"

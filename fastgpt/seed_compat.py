@@ -2,7 +2,7 @@
 
 ``model.py`` reads like the chapter: the modules and their maths. What lets a
 program, a checkpoint or a hook written for the seed's model work unchanged on
-it (DESIGN.md, "The drop-in contract") is here:
+it (docs/design.md, "The drop-in contract") is here:
 
 * the attention ``mask`` buffer: the seed keeps a persistent
   context × context buffer; fastgpt stores none (its attention is causal by

@@ -571,7 +571,7 @@ def triton_side(device: torch.device) -> str:
     """The backend ``compare`` runs against eager on this device, or raise if Triton cannot run here."""
     if device.type == "cuda":
         return "auto"  # Triton wherever a kernel supports the case, eager elsewhere: fastgpt's default
-    if ops._interpreter_on():
+    if ops.interpreter_on():
         return "triton"  # forced: auto never picks Triton for CPU tensors
     raise ValueError(f"--compare needs Triton kernels that run on {device.type}: they run on CUDA GPUs, or on a "
                      f"CPU only in Triton's interpreter (set TRITON_INTERPRET=1; correct but about 1000x slower, "
