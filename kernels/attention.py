@@ -50,7 +50,7 @@ from .attention_configs import DELTA_BLOCK_M, FP32_HEAD_DIMS, HEAD_DIMS, arch_fa
 from .autotune import Tuner
 from .dropout import keep_tile, quantize
 from .outputs import new_output
-from .runtime import DTYPES, LOG2_E, device_mismatch, dot_precision, dropout_seed, on_device, run
+from .runtime import DTYPES, LOG2_E, device_mismatch, dot_precision, dot_refusal, dropout_seed, on_device, run
 
 try:  # host-side tensor descriptors (TMA), Triton >= 3.3
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -326,6 +326,8 @@ def _problem(q, k, v) -> "str | None":
         return (f"float32 with head_dim {q.shape[-1]} (float32 takes head_dim "
                 f"{', '.join(map(str, FP32_HEAD_DIMS))}; use float16 or bfloat16)")
     if (problem := device_mismatch(q=q, k=k, v=v)) is not None:
+        return problem
+    if (problem := dot_refusal(q.device)) is not None:  # T4, V100: eager
         return problem
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         return "bfloat16 under the Triton interpreter, whose bf16 tl.dot is wrong (Triton issue 11584)"

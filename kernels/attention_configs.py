@@ -11,6 +11,7 @@ pinned tile. ``python -m fastgpt.kernels.report`` compiles every entry.
 import torch
 
 from .autotune import Config
+from .runtime import shared_memory_per_block
 
 HEAD_DIMS = (32, 64, 128)
 FP32_HEAD_DIMS = (32, 64)  # float32 at d = 128: every tf32x3 backward tile spills; use half precision
@@ -94,12 +95,17 @@ def arch_family(device: torch.device) -> str:
     return "sm80"
 
 
+def fits(config: Config, head_dim: int, dtype: torch.dtype, limit: int) -> bool:
+    """Whether the pruning estimate (Config.shared_bytes) keeps ``config`` under ``limit`` bytes per block.
+    The compile report holds the estimate against each config's compiled shared memory."""
+    return config.shared_bytes(head_dim, torch.empty((), dtype=dtype).element_size()) <= limit
+
+
 def candidates(kind, family, head_dim, dtype, dropout, device):
-    """The tuned list for this case, without configs whose shared memory cannot fit the device."""
+    """The tuned list for this case, without configs whose shared memory cannot fit the device
+    (99 KB per block on sm_86/sm_89: RTX 30 and 40 cards run the sm80 lists' smaller tiles)."""
     listed = configs(kind, family, head_dim, dtype == torch.float32, dropout)
     if device.type != "cuda":
         return listed
-    props = torch.cuda.get_device_properties(device)
-    limit = getattr(props, "shared_memory_per_block_optin", None) or props.shared_memory_per_block
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return [c for c in listed if c.shared_bytes(head_dim, itemsize) <= limit] or listed[-1:]
+    limit = shared_memory_per_block(device)
+    return [c for c in listed if fits(c, head_dim, dtype, limit)] or listed[-1:]

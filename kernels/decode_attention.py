@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import attention
 from .outputs import new_output
-from .runtime import DTYPES, LOG2_E, device_mismatch, dot_precision, on_device, run, sm_count
+from .runtime import DTYPES, LOG2_E, device_mismatch, dot_precision, dot_refusal, on_device, run, sm_count
 
 BLOCK_Q = 16   # queries per tile (padded): tl.dot needs 16 rows
 BLOCK_NS = (64, 32, 16)  # keys per step, largest first: smaller only where the cache is too short to split
@@ -135,6 +135,8 @@ def supports(q, k, v, dropout_p=0.0) -> "str | None":
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return "inputs that require grad (the decode kernel has no backward)"
     if (problem := device_mismatch(q=q, k=k, v=v)) is not None:
+        return problem
+    if (problem := dot_refusal(q.device)) is not None:  # T4, V100: eager
         return problem
     if k.dtype == torch.bfloat16 and k.device.type == "cpu":
         return "bfloat16 under the Triton interpreter, whose bf16 tl.dot is wrong (Triton issue 11584)"

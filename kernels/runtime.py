@@ -18,6 +18,11 @@
 * **What every kernel shares.** The dtypes they take (``DTYPES``, with their
   short names), running a launch description (``run``), log2(e), the SM count
   and whether the Triton interpreter is on. Nothing here imports Triton.
+* **Which cards.** ``dot_refusal(device)``: below compute capability 8.0 (T4,
+  V100) Triton lowers ``tl.dot`` to FMA, so the dot kernels (attention, decode)
+  refuse there and fastgpt runs eager; the element-wise kernels run anywhere.
+  ``shared_memory_per_block(device)``: the opt-in limit a launch's config must
+  fit (99 KB on sm_86/sm_89, about 163 KB on sm_80, 227 KB on sm_90).
 """
 
 from __future__ import annotations
@@ -56,6 +61,29 @@ def sm_count(device: torch.device, elsewhere: int) -> int:
     if device.type != "cuda":
         return elsewhere
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# tl.dot needs the tensor cores' mma.sync (sm_80 and up) to be worth running: below, Triton emits FMA.
+MIN_DOT_CAPABILITY = (8, 0)
+
+
+def dot_refusal(device: torch.device) -> str | None:
+    """Why the ``tl.dot`` kernels refuse ``device``, or None: only a CUDA device below compute
+    capability 8.0 is refused (the interpreter's CPU tensors are not)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < MIN_DOT_CAPABILITY:
+        return (f"compute capability {major}.{minor}: Triton lowers tl.dot to FMA below "
+                f"{MIN_DOT_CAPABILITY[0]}.{MIN_DOT_CAPABILITY[1]}; fastgpt runs eager there")
+    return None
+
+
+def shared_memory_per_block(device: torch.device) -> int:
+    """The most shared memory one block may use on a CUDA ``device`` (the opt-in limit where the
+    driver reports one): 101376 bytes on sm_86/sm_89, 166912 on sm_80, 232448 on sm_90."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", None) or props.shared_memory_per_block
 
 
 def on_device(t: torch.Tensor):

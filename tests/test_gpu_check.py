@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,23 +68,32 @@ def test_headline_ratios_compare_fastgpt_with_the_fastest_peer(gpu_check):
 
 
 def test_the_bench_step_times_the_suites_cases_into_records_the_headline_reads(gpu_check, tmp_path, monkeypatch):
-    """gpu_check's bench step runs benchmarks/cases.py's cases (the op suites' own); their records carry
-    what headline_rows matches on. The peers' CPU cases, each called once (no interpreter, no compile)."""
+    """gpu_check's bench step runs benchmarks/cases.py's cases (the op suites' own) against the peers
+    `fastgpt check` does not time; their records carry what headline_rows matches on. The ceilings are
+    called once; the peers with a CPU kernel are built, not timed (no interpreter here)."""
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     sections = dict(gpu_check.bench_sections(dry=True))
-    assert set(sections) == {"ceilings", "attention", "decode", "elementwise"}
+    assert set(sections) == {"ceilings", "attention", "elementwise"}  # decode vs SDPA: the check times it
+    impls = {case.record.get("impl") for name in ("attention", "elementwise") for case in sections[name]}
+    assert impls == {"fastgpt", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "torch.compile"}  # no eager
     calls = []
 
     def timer(step):
         calls.append(step())
         return 2.0
-    for name in ("ceilings", "attention", "decode", "elementwise"):
+
+    def built_only(step):
+        return 2.0
+    for name in ("ceilings", "attention", "elementwise"):
         for case in sections[name]:
             impl = case.record.get("impl")
-            if impl in ("eager", "sdpa") and case.record.get("dropout", 0.0) == 0.0 or name == "ceilings":
+            if name == "ceilings":
                 gpu_check.measure(tmp_path, timer, case)
+            elif impl in ("sdpa-flash", "torch.compile") and case.record.get("dropout", 0.0) == 0.0:  # CPU kernels
+                gpu_check.measure(tmp_path, built_only, case)
     records = gpu_check.read_records(tmp_path)
-    assert records and len(calls) == len(records) and all("ms" in r and "error" not in r for r in records)
+    assert records and len(calls) == len([r for r in records if r["kind"] == "ceiling"])
+    assert all("ms" in r and "error" not in r for r in records), [r for r in records if "error" in r]
     assert all(("TFLOP/s" in r) != ("GB/s" in r) for r in records)
     # Ours twice as slow as each peer: every case gets a headline row with the ratio 0.50×.
     ours = [{**r, "impl": "fastgpt", "ms": 4.0} for r in records if r["kind"] in ("attention", "decode", "elementwise")]
@@ -127,3 +137,61 @@ def test_a_test_run_stopped_before_its_junit_file_is_counted_from_its_log(gpu_ch
     assert gpu_check.log_counts(tmp_path) == {"passed": 2, "failed": 1, "error": 0, "skipped": 1}
     gpu_check.write_summary(tmp_path, dry=True, timings={"tests": "exit 124"})
     assert "2 passed, 1 failed" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_steps_fit_eight_minutes_and_keep_90_s_for_the_compiled_decode(gpu_check):
+    assert sum(gpu_check.BUDGETS.values()) <= 8 * 60
+    assert gpu_check.BUDGETS["decode_compiled"] == 90 and "decode_compiled" in gpu_check.NOT_IMPLEMENTED
+    assert list(gpu_check.STEPS) == ["env", "tests", "check", "bench", "decode_compiled", "sanitizer", "profile"]
+    assert set(gpu_check.DRY_BUDGETS) == set(gpu_check.BUDGETS)
+    assert gpu_check.check_command(Path("rows.json"), dry=True)[-5:] == ["fastgpt", "check", "--json", "rows.json",
+                                                                         "--interpret"]
+    assert "--interpret" not in gpu_check.check_command(Path("rows.json"), dry=False)
+
+
+_FAKE_CHECK = """
+import json, sys
+rows = [{"op": "layer_norm", "shape": "(16, 64) infer", "dtype": "float32", "triton_ms": 2.0, "eager_ms": 3.0,
+         "speedup": 1.5, "max_error": 1e-7, "verdict": "triton", "status": "faster"}]
+json.dump(rows, open(sys.argv[sys.argv.index("--json") + 1], "w"))
+print("op          shape           verdict")
+print("layer_norm  (16, 64) infer  triton")
+print("1 case: 1 faster with Triton (median 1.5x), 0 kept on eager, 0 disagreements")
+print("[fastgpt] check 1/1 layer_norm", file=sys.stderr)
+"""
+
+
+def test_the_check_step_records_the_rows_and_puts_the_table_in_the_summary(gpu_check, tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "check_command",
+                        lambda path, dry: [sys.executable, "-c", _FAKE_CHECK, "check", "--json", str(path)])
+    assert gpu_check.step_check(tmp_path, dry=True, env=dict(os.environ), limit=60) == 0
+    records = gpu_check.read_records(tmp_path)
+    assert [r["kind"] for r in records] == ["check", "check-table"]
+    assert records[0]["verdict"] == "triton" and records[0]["speedup"] == 1.5
+    assert records[1]["exit"] == 0 and records[1]["rows"] == 1 and "reason" not in records[1]
+    gpu_check.write_summary(tmp_path, dry=True, timings={"check": "exit 0"})
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## fastgpt check" in summary and "1 case: 1 faster with Triton" in summary
+    assert "`fastgpt check --json" in summary and "[fastgpt] check 1/1" not in summary  # progress stays out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.jsonl", "summary.md"]  # no extra file
+
+
+def test_a_missing_or_failing_check_is_a_failed_step_with_its_reason(gpu_check, tmp_path, monkeypatch):
+    missing = ("import sys; print(\"fastgpt: error: argument command: invalid choice: 'check'\", file=sys.stderr); "
+               "sys.exit(2)")
+    monkeypatch.setattr(gpu_check, "check_command", lambda path, dry: [sys.executable, "-c", missing, "check"])
+    assert gpu_check.step_check(tmp_path, dry=True, env=dict(os.environ), limit=60) == 2
+    gpu_check.write_summary(tmp_path, dry=True, timings={"check": "exit 2"})
+    summary = (tmp_path / "summary.md").read_text()
+    assert "FAILED: exit 2: fastgpt: error: argument command: invalid choice: 'check'" in summary
+    hangs = "import time; time.sleep(30)"
+    monkeypatch.setattr(gpu_check, "check_command", lambda path, dry: [sys.executable, "-c", hangs, "check"])
+    assert gpu_check.step_check(tmp_path, dry=True, env=dict(os.environ), limit=1) == 124
+    assert gpu_check.read_records(tmp_path)[-1]["reason"].startswith("stopped after its 1 s limit")
+
+
+def test_the_reserved_step_records_that_it_is_not_implemented(gpu_check, tmp_path):
+    assert gpu_check.step_not_implemented(tmp_path, "decode_compiled") == 0
+    [record] = gpu_check.read_records(tmp_path)
+    assert record == {"kind": "skipped", "name": "decode_compiled",
+                      "reason": gpu_check.NOT_IMPLEMENTED["decode_compiled"]}

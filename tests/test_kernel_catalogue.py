@@ -78,3 +78,24 @@ def test_the_cli_selects_a_subset_and_refuses_no_triton_at_all(capsys):
     assert "--no-installed needs a --triton DIR" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         present.main(["--subset", "nonesuch"], cases=[])
+
+
+def test_attention_cases_carry_how_an_sm86_or_sm89_launcher_prunes_them(cases):
+    """The report holds sm_86/sm_89 (99 KB) from the sm_80 compile; it needs, per attention tile of the
+    sm80 family's tuned lists, the launcher's estimate and its list (attention_configs.candidates)."""
+    from fastgpt.kernels.attention_configs import pinned
+    groups = {}
+    for case in cases:
+        if case.pruning is None:
+            continue
+        assert case.kernel.startswith(("attention_fwd", "attention_bwd")) and not case.expects_tma
+        assert case.archs is None or 80 in case.archs  # compiled for sm_80, so held for sm_86/sm_89
+        assert case.pruning.estimate > 0
+        groups.setdefault((case.pruning.group, case.shape), []).append(case)
+    assert groups
+    for (group, shape), members in groups.items():
+        assert len({case.config for case in members}) == members[0].pruning.size, group  # the whole list
+        assert sum(case.pruning.last for case in members) == 1, group
+    d64 = [case for case in cases if case.pruning and case.pruning.pinned]
+    assert d64 and all(repr(pinned(case.kernel.split("_")[1].split("+")[0], int(case.config.split("d=")[1].split()[0]),
+                                   case.config.startswith("fp32"))) in case.config for case in d64)

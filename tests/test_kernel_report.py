@@ -24,6 +24,7 @@ from fastgpt.kernels.report.case import CompileCase  # noqa: E402
 from fastgpt.kernels.report.sass import SASS_INSTRUCTION_RE, sass_profile  # noqa: E402
 
 ARCHS = (80, 90)
+HELD = " for sm_80, sm_86, sm_89, sm_90 (sm_86/sm_89 from the sm_80 compile)"
 
 # Plain @triton.jit: under the suite's TRITON_INTERPRET=1 these are interpreted
 # functions here, and the report's worker processes import this module afresh to
@@ -151,11 +152,12 @@ def test_compile_error_is_a_failed_row_not_a_crash(fixture_report):
 
 def test_summary_counts_rows(fixture_report):
     summary = fixture_report.summary()
-    assert summary == {"cases": 5, "archs": 2, "compiled": 8, "compile_errors": 2,
-                       "spills": summary["spills"], "failures": 6, "ok": False}
+    assert summary == {"cases": 5, "archs": 2, "held_archs": ["sm_80", "sm_86", "sm_89", "sm_90"], "compiled": 8,
+                       "compile_errors": 2, "spills": summary["spills"], "failures": 6, "ok": False}
     assert summary["spills"] >= 2
     assert re.fullmatch(rf"5 cases × 2 archs compiled with Triton {re.escape(triton.__version__)} "
-                        r"\(2 did not compile\), \d+ spills, 6 failures", fixture_report.summary_line())
+                        rf"\(2 did not compile\){re.escape(HELD)}, \d+ spills, 6 failures",
+                        fixture_report.summary_line())
 
 
 def test_table_has_one_line_per_row(fixture_report):
@@ -163,7 +165,9 @@ def test_table_has_one_line_per_row(fixture_report):
     assert lines[0].split()[:5] == ["kernel", "config", "shapes", "arch", "triton"]
     assert len(lines) == 2 + len(fixture_report.results)
     matmul_sm80 = next(line for line in lines if line.startswith("matmul ") and "sm_80" in line)
-    assert "HMMA.16816×" in matmul_sm80 and matmul_sm80.endswith("ok")
+    assert "HMMA.16816×" in matmul_sm80 and matmul_sm80.split()[-2:] == ["ok", "fits"]  # status, sm_86/89
+    assert lines[0].split()[-2:] == ["status", "sm_86/89"]
+    assert all(line.endswith("-") for line in lines[2:] if "sm_90" in line)  # held from sm_80 rows only
     failures = present.format_failures(fixture_report)
     assert "FAIL whole_tile [BM=128 BN=64] sm_90: spills " in failures
     assert "FAIL double [BLOCK=48] sm_80: did not compile: arange's range must be a power of 2" in failures
@@ -177,7 +181,7 @@ def passing_row(arch, **changes):
     return build.CaseResult(**values)
 
 
-@pytest.mark.parametrize("arch, limit", [("sm_80", 166912), ("sm_90", 232448)])
+@pytest.mark.parametrize("arch, limit", [("sm_80", 166912), ("sm_86", 101376), ("sm_89", 101376), ("sm_90", 232448)])
 def test_shared_memory_limit_is_inclusive(arch, limit):
     assert build.failure_reasons(passing_row(arch, shared_bytes=limit)) == []
     [reason] = build.failure_reasons(passing_row(arch, shared_bytes=limit + 1))
@@ -310,7 +314,7 @@ def test_a_dropout_twin_over_its_expected_cost_fails_on_either_arch():
 JSON_CASE_FIELDS = {"kernel", "config", "arch", "num_warps", "num_stages", "expects_tensor_cores", "registers",
                     "spill_stores_bytes", "spill_loads_bytes", "stack_bytes", "shared_bytes", "tensor_cores",
                     "tensor_core_instructions", "expects_min_wgmma_n", "expects_tma", "expects_max_dropout_cost", "sass", "programs_per_sm", "compile_seconds", "triton_version",
-                    "ptxas_version", "shapes", "ok", "error", "failures"}
+                    "ptxas_version", "shapes", "pruning", "derived", "ok", "error", "failures"}
 
 
 def test_cli_fails_strictly_and_writes_json(tmp_path, capsys):
@@ -319,15 +323,17 @@ def test_cli_fails_strictly_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "FAIL double [BLOCK=48] sm_90: did not compile" in printed
     assert printed.rstrip().endswith(f"2 cases × 2 archs compiled with Triton {triton.__version__} "
-                                     "(2 did not compile), 0 spills, 2 failures")
+                                     f"(2 did not compile){HELD}, 0 spills, 2 failures")
 
     document = json.loads(out.read_text())
     assert {"tool", "created", "triton_version", "triton_versions", "torch_version", "python_version", "archs",
-            "ptxas_versions", "shared_memory_limits", "cases", "summary"} <= set(document)
+            "ptxas_versions", "shared_memory_limits", "derived_archs", "cases", "group_failures",
+            "summary"} <= set(document)
     assert document["triton_versions"] == [triton.__version__]
     assert document["triton_version"] == triton.__version__
     assert document["archs"] == ["sm_80", "sm_90"]
-    assert document["shared_memory_limits"] == {"sm_80": 166912, "sm_90": 232448}
+    assert document["shared_memory_limits"] == {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
+    assert document["derived_archs"] == {"sm_86": "sm_80", "sm_89": "sm_80"}
     assert [(case["kernel"], case["arch"], case["ok"]) for case in document["cases"]] == [
         ("add", "sm_80", True), ("add", "sm_90", True), ("double", "sm_80", False), ("double", "sm_90", False)]
     for case in document["cases"]:
@@ -338,8 +344,8 @@ def test_cli_fails_strictly_and_writes_json(tmp_path, capsys):
 def test_cli_exit_status_without_failures_or_without_strict(capsys):
     assert present.main(["--arch", "sm_90"], cases=[ADD]) == 0
     assert present.main(["--arch", "80", "--no-strict"], cases=[BROKEN]) == 0
-    assert f"1 case × 1 arch compiled with Triton {triton.__version__} (1 did not compile), 0 spills, 1 failure" \
-        in capsys.readouterr().out
+    assert (f"1 case × 1 arch compiled with Triton {triton.__version__} (1 did not compile) for sm_80, sm_86, "
+            "sm_89 (sm_86/sm_89 from the sm_80 compile), 0 spills, 1 failure") in capsys.readouterr().out
 
 
 def test_cli_rejects_an_arch_without_a_known_limit(capsys):
@@ -347,6 +353,9 @@ def test_cli_rejects_an_arch_without_a_known_limit(capsys):
         present.main(["--arch", "80,75"], cases=[])
     assert exit_info.value.code == 2
     assert "unknown arch '75'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        present.main(["--arch", "86"], cases=[])
+    assert "sm_86 is held from the sm_80 compile: pass 80" in capsys.readouterr().err
 
 
 def test_module_entry_point_on_an_empty_catalogue_under_triton_interpret(tmp_path):
@@ -362,7 +371,7 @@ def test_module_entry_point_on_an_empty_catalogue_under_triton_interpret(tmp_pat
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "no kernels in the catalogue" in done.stdout
-    assert done.stdout.rstrip().endswith("0 cases × 2 archs compiled, 0 spills, 0 failures")
+    assert done.stdout.rstrip().endswith(f"0 cases × 2 archs compiled{HELD}, 0 spills, 0 failures")
     document = json.loads(out.read_text())
     assert document["cases"] == [] and document["summary"]["ok"] is True
 
@@ -455,3 +464,78 @@ def test_wgmma_width_and_tma_expectations_fail_a_row_that_misses_them():
         "expects TMA loads (UTMALDG) but emitted none"]
     assert build.failure_reasons(passing_row("sm_90", sass=wide, **expects)) == []
     assert build.failure_reasons(passing_row("sm_80", sass=narrow, **expects)) == []  # sm_90 expectations only
+
+
+# ---------------------------------------------------------------- sm_86 / sm_89, held from the sm_80 compile
+
+def test_fixture_rows_are_held_against_99_kb_from_their_sm80_compile(fixture_report):
+    matmul, deep = rows(fixture_report, "matmul")["sm_80"], rows(fixture_report, "matmul_deep_pipeline")["sm_80"]
+    assert matmul.derived == {"sm_86": {"limit": 101376, "verdict": "fits"},
+                              "sm_89": {"limit": 101376, "verdict": "fits"}}
+    assert deep.derived["sm_86"]["verdict"] == "over"
+    assert f"on sm_86/sm_89 (held from this compile): no launcher prunes it, but it needs {deep.shared_bytes} " \
+           "bytes of shared memory compiled, over the limit of 101376 bytes" in deep.failures
+    assert rows(fixture_report, "matmul")["sm_90"].derived == {}
+    assert rows(fixture_report, "double")["sm_80"].derived == {}  # nothing compiled, nothing held
+
+
+def _pruned_row(config, shared, estimate, last=False, pinned=False, size=3, group="attn fp16 d=128", shapes=("gpt2",)):
+    return passing_row("sm_80", kernel="attn", config=config, shared_bytes=shared, shapes=list(shapes),
+                       triton_version="3.6.0", pruning={"group": group, "size": size, "estimate": estimate,
+                                                        "last": last, "pinned": pinned})
+
+
+def _held(results, archs=(80, 90)):
+    built = build.Report(archs=list(archs), case_count=len(results), results=results)
+    build.check_derived_archs(built)
+    for result in results:
+        result.ok = not result.failures  # as build_report does
+    return built
+
+
+def test_a_launcher_that_prunes_by_an_estimate_is_held_to_what_it_keeps():
+    # Pruned by the estimate (too big anyway), kept and fitting, kept by an estimate the compile contradicts.
+    big, good, wrong = (_pruned_row("A", 140_000, 131_072), _pruned_row("B", 90_000, 81_920),
+                        _pruned_row("C", 110_000, 98_304, last=True))
+    built = _held([big, good, wrong])
+    assert [r.derived["sm_89"]["verdict"] for r in (big, good, wrong)] == ["pruned", "fits", "over"]
+    assert big.failures == good.failures == []
+    assert wrong.failures == ["on sm_86/sm_89 (held from this compile): the launcher's estimate (98304 bytes) says "
+                              "it fits, but it needs 110000 bytes of shared memory compiled, over the limit of "
+                              "101376 bytes"]
+    assert built.group_failures == []  # B fits
+    assert _held([_pruned_row("A", 140_000, 131_072)], archs=(90,)).results[0].derived == {}  # no sm_80 compile
+
+
+def test_a_list_whose_estimate_prunes_everything_falls_back_on_its_last_config():
+    # attention d = 128 on a 99 KB card: both estimates are over, the launcher keeps the last config.
+    first, last = _pruned_row("A", 114_688, 131_072, size=2), _pruned_row("B", 90_112, 114_688, last=True, size=2)
+    built = _held([first, last])
+    assert (first.derived["sm_86"]["verdict"], last.derived["sm_86"]["verdict"]) == ("pruned", "fits")
+    assert built.group_failures == [] and built.failure_count == 0
+    over = _pruned_row("B", 105_000, 114_688, last=True, size=2)
+    built = _held([_pruned_row("A", 114_688, 131_072, size=2), over])
+    assert over.failures == ["on sm_86/sm_89 (held from this compile): the launcher falls back on it (the estimate "
+                             "prunes every config of its list), but it needs 105000 bytes of shared memory compiled, "
+                             "over the limit of 101376 bytes"]
+    assert built.group_failures == ["attn fp16 d=128 [gpt2] Triton 3.6.0 on sm_86/sm_89: no config its launcher "
+                                    "keeps fits the limit of 101376 bytes per block (kept: B: 105000 bytes)"]
+    assert built.summary()["failures"] == 2 and "FAIL attn fp16 d=128 [gpt2]" in present.format_failures(built)
+
+
+def test_a_partial_launch_group_is_not_failed_as_a_group_and_a_pinned_tile_must_fit():
+    # A filtered report holding one of the list's three configs says nothing about the list.
+    built = _held([_pruned_row("A", 140_000, 131_072)])
+    assert built.group_failures == [] and built.results[0].derived["sm_86"]["verdict"] == "pruned"
+    pinned = _pruned_row("P", 120_000, 131_072, pinned=True, size=1, group="other")
+    assert _held([pinned]).results[0].derived["sm_86"]["verdict"] == "over"
+    assert "the pinned tile is launched unpruned" in pinned.failures[0]
+
+
+def test_an_estimate_below_the_compiled_size_is_reported_without_failing_under_the_limit():
+    under, over = _pruned_row("A", 41_088, 36_864, size=2), _pruned_row("B", 40_000, 40_960, last=True, size=2)
+    built = _held([under, over])
+    assert built.failure_count == 0
+    assert present.format_estimate(built) == ("shared-memory estimate: below the compiled size on 1 of 2 pruned rows "
+                                              "(most: attn [A] sm_80, 36864 vs 41088 bytes)")
+    assert present.format_estimate(_held([over])) == ""

@@ -5,6 +5,13 @@ the architecture allows one block, declares ``expects_tensor_cores`` yet emitted
 no tensor-core instruction, misses its sm_90 expectations (wgmma width, TMA), or
 is an ``X+dropout`` row over its dropout cost against its twin ``X``. Field
 meanings are documented in kernels/README.md.
+
+sm_86 and sm_89 (RTX 30 and 40) run sm_80's instructions with 99 KB of shared
+memory per block: they are held from the sm_80 compile, without compiling again
+(``check_derived_archs``). An sm_80 row fails there if its config is launched on
+such a card (no launcher prunes it, or the launcher's estimate keeps it, or it is
+the list's fallback) and needs more than 99 KB; a tuned list none of whose kept
+configs fits fails as a launch group.
 """
 
 from __future__ import annotations
@@ -24,9 +31,13 @@ from .sass import smallest_wgmma_n
 from .workers import DEFAULT_TIMEOUT_S, bind_keys, compile_and_disassemble, default_jobs
 
 # Largest shared memory one block may use, static + dynamic (CUDA's
-# "max shared memory per block, opt-in"): A100 163 KB, H100/H200 227 KB.
-SHARED_MEMORY_LIMITS = {80: 166912, 90: 232448}
+# "max shared memory per block, opt-in"): A100 163 KB, RTX 30/40 99 KB, H100/H200 227 KB.
+SHARED_MEMORY_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+COMPILED_ARCHS = (80, 90)  # the archs --arch takes
 DEFAULT_ARCHS = (80, 90)
+# Archs held from another arch's compile (no compile of their own: CI time): sm_86 and sm_89 run
+# sm_80's instructions (mma.sync, cp.async, the same shared-memory layouts) with less shared memory.
+DERIVED_ARCHS = {86: 80, 89: 80}
 
 
 def arch_name(arch: int) -> str:
@@ -65,6 +76,8 @@ class CaseResult:
     triton_version: str | None = None
     ptxas_version: str | None = None
     shapes: list = field(default_factory=list)          # model shapes whose launches compile to this variant
+    pruning: dict | None = None   # case.Pruning: how the launcher keeps or prunes this config by shared memory
+    derived: dict = field(default_factory=dict)  # sm_80 rows: arch -> {limit, verdict} held from this compile
     ok: bool = False
     error: str | None = None          # the compiler's message when the case did not compile
     failures: list = field(default_factory=list)  # every reason the case fails, one line each
@@ -87,7 +100,7 @@ def failure_reasons(result: CaseResult) -> list[str]:
         reasons.append(f"spills {result.spill_stores_bytes} bytes of stores and {result.spill_loads_bytes} "
                        f"bytes of loads at {result.registers} registers")
     limit = SHARED_MEMORY_LIMITS[int(result.arch.removeprefix("sm_"))]
-    if result.shared_bytes > limit:
+    if result.shared_bytes is not None and result.shared_bytes > limit:
         reasons.append(f"needs {result.shared_bytes} bytes of shared memory, over the {result.arch} "
                        f"limit of {limit} bytes per block")
     if result.expects_tensor_cores and not result.tensor_cores:
@@ -116,10 +129,20 @@ class Report:
     archs: list[int]
     case_count: int
     results: list[CaseResult]
+    group_failures: list[str] = field(default_factory=list)  # launch groups with no config that fits (derived archs)
 
     @property
     def failed(self) -> list[CaseResult]:
         return [result for result in self.results if not result.ok]
+
+    @property
+    def derived_archs(self) -> list[int]:
+        """The archs held from another arch's compile (sm_86, sm_89 from sm_80's), when that one is compiled."""
+        return [arch for arch, source in DERIVED_ARCHS.items() if source in self.archs]
+
+    @property
+    def failure_count(self) -> int:
+        return len(self.failed) + len(self.group_failures)
 
     @property
     def spill_count(self) -> int:
@@ -131,9 +154,10 @@ class Report:
 
     def summary(self) -> dict:
         return {"cases": self.case_count, "archs": len(self.archs),
+                "held_archs": [arch_name(arch) for arch in sorted(self.archs + self.derived_archs)],
                 "compiled": len(self.results) - self.compile_error_count,
                 "compile_errors": self.compile_error_count, "spills": self.spill_count,
-                "failures": len(self.failed), "ok": not self.failed}
+                "failures": self.failure_count, "ok": not self.failure_count}
 
     @property
     def triton_versions(self) -> list[str]:
@@ -145,9 +169,15 @@ class Report:
         # Cases whose launches bind to one specialisation share a row (build_report).
         variants = len({(r.kernel, r.config, tuple(r.shapes)) for r in self.results})
         merged = f" ({plural(variants, 'distinct variant')})" if 0 < variants < self.case_count else ""
+        held = ""
+        if self.derived_archs:
+            names = [arch_name(arch) for arch in sorted(self.archs + self.derived_archs)]
+            derived = "/".join(arch_name(arch) for arch in self.derived_archs)
+            sources = "/".join(sorted({arch_name(DERIVED_ARCHS[arch]) for arch in self.derived_archs}))
+            held = f" for {', '.join(names)} ({derived} from the {sources} compile)"
         return (f"{plural(self.case_count, 'case')}{merged} × {plural(len(self.archs), 'arch')} compiled"
-                f"{versions}{not_compiled}, {plural(self.spill_count, 'spill')}, "
-                f"{plural(len(self.failed), 'failure')}")
+                f"{versions}{not_compiled}{held}, {plural(self.spill_count, 'spill')}, "
+                f"{plural(self.failure_count, 'failure')}")
 
     def dropout_cost(self) -> list[dict]:
         """SASS instructions of each ``X+dropout`` row over its twin ``X`` (see dropout_twins)."""
@@ -168,8 +198,11 @@ class Report:
             "archs": [arch_name(arch) for arch in self.archs],
             "ptxas_versions": {f"{r.triton_version} {r.arch}": r.ptxas_version for r in self.results
                                if r.triton_version},
-            "shared_memory_limits": {arch_name(arch): SHARED_MEMORY_LIMITS[arch] for arch in self.archs},
+            "shared_memory_limits": {arch_name(arch): SHARED_MEMORY_LIMITS[arch]
+                                     for arch in sorted(self.archs + self.derived_archs)},
+            "derived_archs": {arch_name(arch): arch_name(DERIVED_ARCHS[arch]) for arch in self.derived_archs},
             "cases": [asdict(result) for result in self.results],
+            "group_failures": self.group_failures,
             "dropout_cost": self.dropout_cost(),
             "summary": self.summary(),
         }
@@ -194,9 +227,10 @@ def build_report(cases: list[CompileCase], archs=DEFAULT_ARCHS, jobs: int | None
     compile once: their row lists every shape. Never raises for a bad case: its failure
     is recorded in its row."""
     archs = list(archs)
-    unknown = [arch for arch in archs if arch not in SHARED_MEMORY_LIMITS]
+    unknown = [arch for arch in archs if arch not in COMPILED_ARCHS]
     if unknown:
-        raise ValueError(f"no shared-memory limit known for archs {unknown}; known: {sorted(SHARED_MEMORY_LIMITS)}")
+        raise ValueError(f"cannot compile for archs {unknown}; compiled: {list(COMPILED_ARCHS)} "
+                         f"(sm_86 and sm_89 are held from the sm_80 compile)")
     results = []
     for site in triton_sites:
         groups: dict = {}  # specialisation key -> indices of the cases that bind to it, in catalogue order
@@ -226,11 +260,13 @@ def build_report(cases: list[CompileCase], archs=DEFAULT_ARCHS, jobs: int | None
                                     expects_tensor_cores=case.expects_tensor_cores, shapes=shapes,
                                     expects_min_wgmma_n=case.expects_min_wgmma_n, expects_tma=case.expects_tma,
                                     expects_max_dropout_cost=case.expects_max_dropout_cost,
+                                    pruning=asdict(case.pruning) if case.pruning else None,
                                     error=outcome.get("error"), **measured)
                 result.failures = failure_reasons(result)
                 results.append(result)
     built = Report(archs=archs, case_count=len(cases), results=results)
     check_dropout_costs(built)
+    check_derived_archs(built)
     for result in results:
         result.ok = not result.failures
     return built
@@ -260,6 +296,59 @@ def check_dropout_costs(built: "Report") -> None:
             result.failures.append(f"dropout costs {result.sass['total'] / without.sass['total']:.2f}× the SASS "
                                    f"instructions of its p = 0 twin ({result.sass['total']} vs "
                                    f"{without.sass['total']}), over {limit}×")
+
+
+def check_derived_archs(built: "Report") -> None:
+    """Hold every sm_80 row against the shared memory of the archs derived from it (sm_86, sm_89: 99 KB).
+
+    A config no launcher prunes (every kernel's one derived config, a pinned tile) must fit. Where a
+    launcher chooses by shared memory (``row.pruning``: attention's tuned lists), it keeps the configs
+    whose estimate fits, or the list's last when none does: each kept config must fit as compiled (an
+    estimate that says "fits" for a config that does not is a failure), and a launch group (one list,
+    Triton and shape) held whole by the report with no kept config that fits fails as a group. Sets
+    ``row.derived[arch] = {"limit", "verdict"}``: "fits", "pruned" (its launcher skips it there), or
+    "over" (with the row's failure). Derived archs of one limit share one verdict and one failure line."""
+    by_limit: dict = {}
+    for arch in built.derived_archs:
+        by_limit.setdefault((DERIVED_ARCHS[arch], SHARED_MEMORY_LIMITS[arch]), []).append(arch)
+    for (source, limit), archs in by_limit.items():
+        where = "/".join(arch_name(arch) for arch in archs)
+        rows = [r for r in built.results
+                if r.arch == arch_name(source) and r.error is None and r.shared_bytes is not None]
+        groups: dict = {}
+        for row in rows:
+            if row.pruning:
+                for shape in row.shapes or [""]:
+                    groups.setdefault((row.pruning["group"], row.triton_version, shape), []).append(row)
+        kept: set = set()
+        for (group, version, shape), members in groups.items():
+            chosen = ([r for r in members if r.pruning["estimate"] <= limit]
+                      or [r for r in members if r.pruning["last"]])
+            kept.update(id(r) for r in chosen)
+            whole = len({r.config for r in members}) >= members[0].pruning["size"]
+            if whole and not any(r.shared_bytes <= limit for r in chosen):
+                shown = ", ".join(f"{r.config}: {r.shared_bytes} bytes" for r in chosen) or "none"
+                built.group_failures.append(
+                    f"{group} [{shape or 'no shape'}] Triton {version or '?'} on {where}: no config its launcher "
+                    f"keeps fits the limit of {limit} bytes per block (kept: {shown})")
+        for row in rows:
+            fits = row.shared_bytes <= limit
+            launched = row.pruning is None or row.pruning["pinned"] or id(row) in kept
+            verdict = "pruned" if not launched else "fits" if fits else "over"
+            for arch in archs:
+                row.derived[arch_name(arch)] = {"limit": limit, "verdict": verdict}
+            if verdict != "over":
+                continue
+            needs = f"needs {row.shared_bytes} bytes of shared memory compiled, over the limit of {limit} bytes"
+            if row.pruning is None:
+                why = "no launcher prunes it"
+            elif row.pruning["estimate"] <= limit:
+                why = f"the launcher's estimate ({row.pruning['estimate']} bytes) says it fits"
+            elif id(row) in kept:
+                why = "the launcher falls back on it (the estimate prunes every config of its list)"
+            else:
+                why = "the pinned tile is launched unpruned"
+            row.failures.append(f"on {where} (held from this compile): {why}, but it {needs}")
 
 
 def plural(count: int, noun: str) -> str:

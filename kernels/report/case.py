@@ -43,6 +43,20 @@ class TensorArg:
 
 
 @dataclass(frozen=True)
+class Pruning:
+    """How a launcher that chooses its config by shared memory (attention: ``attention_configs.candidates``)
+    treats this case on the archs the report checks from sm_80's compile (sm_86, sm_89: 99 KB per block).
+    The launcher keeps the configs of one tuned list whose estimate fits the device, or the list's last
+    entry when none does; the report holds each kept config's compiled shared memory to the limit."""
+
+    group: str         # the configs one launch chooses among (one tuned list), e.g. "attention_fwd fp16 d=64"
+    size: int          # how many configs that list holds (a filtered report may hold fewer)
+    estimate: int      # the launcher's estimate of this config's shared memory, bytes (Config.shared_bytes)
+    last: bool         # the list's last entry: kept when the estimate prunes every config
+    pinned: bool = False  # also the pinned tile, launched unpruned (the tests, FASTGPT_ATTENTION_PINNED=1)
+
+
+@dataclass(frozen=True)
 class CompileCase:
     kernel: str                       # display name, e.g. "layer_norm_fwd"
     fn: object                        # the @triton.jit function
@@ -59,6 +73,7 @@ class CompileCase:
     expects_tma: bool = False               # on sm_90, fail unless tiles move through TMA
     expects_max_dropout_cost: float | None = None  # fail if SASS > this × its p = 0 twin's
     representative: bool = False      # in the subset every Triton compiles (catalogue.representative_cases)
+    pruning: Pruning | None = None    # chosen by shared memory on sm_86/sm_89 (None: launched on every card)
 
     @classmethod
     def of_launch(cls, kernel: str, fn, launch, **fields) -> "CompileCase":

@@ -28,7 +28,7 @@ from .. import attention, column_sum, cross_entropy, decode_attention, gelu, lay
 from ..attention_configs import ARCH_FAMILIES, DELTA_BLOCK_M, FP32_HEAD_DIMS, HEAD_DIMS, configs, pinned
 from ..dropout import MAX_DROPOUT_COST
 from ..runtime import DTYPES
-from .case import CompileCase, TensorArg
+from .case import CompileCase, Pruning, TensorArg
 
 
 def _meta(*shape, dtype):
@@ -182,6 +182,18 @@ def _representative_configs(kind, d, fp32, dropout) -> set:
             | {configs(kind, family, d, fp32, dropout)[0] for family in ARCH_FAMILIES})
 
 
+def _pruning(kind, kernel, label, d, dtype, dropout, config) -> "Pruning | None":
+    """How the launcher treats ``config`` on sm_86/sm_89 (the sm80 family with 99 KB per block): pruned by
+    its estimate from the family's tuned list (attention_configs.candidates); None when that list lacks it."""
+    fp32 = dtype == torch.float32
+    listed = configs(kind, "sm80", d, fp32, dropout)
+    if config not in listed:
+        return None
+    return Pruning(group=f"{kernel} {label}", size=len(listed),
+                   estimate=config.shared_bytes(d, torch.empty((), dtype=dtype).element_size()),
+                   last=config == listed[-1], pinned=config == pinned(kind, d, fp32, "sm80"))
+
+
 def attention_cases() -> list:
     """Every config the launchers can pick (each arch family's tuned list and the pinned one) × head_dim
     × dtype × dropout (× both fp32 dot precisions, × TMA or pointers for the half-precision forward on
@@ -223,6 +235,8 @@ def attention_cases() -> list:
                                     fn = attention._attn_bwd_kernel
                                 cases.append(CompileCase.of_launch(
                                     f"attention_{kind}{drop}", fn, launch, shape=shape,
+                                    pruning=None if use_tma else _pruning(kind, f"attention_{kind}{drop}", label, d,
+                                                                          dtype, dropout_p > 0, config),
                                     config=f"{label} {config!r}{' TMA' if use_tma else ''}",
                                     expects_tensor_cores=True, archs=(90,) if use_tma else archs,
                                     expects_min_wgmma_n=tuned_n64, expects_tma=use_tma,

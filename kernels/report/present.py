@@ -12,13 +12,15 @@ import os
 import re
 import sys
 
-from .build import DEFAULT_ARCHS, SHARED_MEMORY_LIMITS, CaseResult, Report, build_report, config_label, plural
+from .build import (COMPILED_ARCHS, DEFAULT_ARCHS, DERIVED_ARCHS, CaseResult, Report, arch_name, build_report,
+                    config_label, plural)
 from .case import CompileCase
 from .catalogue import SUBSETS, all_cases
 from .workers import DEFAULT_TIMEOUT_S, default_jobs
 
 TABLE_COLUMNS = ("kernel", "config", "shapes", "arch", "triton", "warps", "stages", "regs", "spill st/ld B",
-                 "smem B", "progs/SM", "SASS", "tensor cores", "MUFU", "int ALU", "LDG/LDGSTS/TMA", "status")
+                 "smem B", "progs/SM", "SASS", "tensor cores", "MUFU", "int ALU", "LDG/LDGSTS/TMA", "status",
+                 "sm_86/89")
 _NUMERIC_COLUMNS = {"warps", "stages", "regs", "spill st/ld B", "smem B", "progs/SM", "SASS", "MUFU", "int ALU"}
 
 
@@ -55,7 +57,16 @@ def _table_row(result: CaseResult) -> tuple[str, ...]:
     return (result.kernel, result.config, shapes, result.arch, result.triton_version or "-",
             str(result.num_warps), str(result.num_stages), number(result.registers), spills,
             number(result.shared_bytes), number(programs), number(result.sass.get("total") if result.sass else None),
-            _tensor_core_cell(result), count("mufu"), count("int_alu"), loads, "ok" if result.ok else "FAIL")
+            _tensor_core_cell(result), count("mufu"), count("int_alu"), loads, "ok" if result.ok else "FAIL",
+            _derived_cell(result))
+
+
+def _derived_cell(result: CaseResult) -> str:
+    """The derived archs' verdict on an sm_80 row (fits, pruned: its launcher skips it there, FAIL); '-' elsewhere."""
+    verdicts = {held["verdict"] for held in result.derived.values()}
+    if not verdicts:
+        return "-"
+    return "FAIL" if "over" in verdicts else "/".join(sorted(verdicts))
 
 
 def format_table(report: Report) -> str:
@@ -83,6 +94,19 @@ def format_dropout_cost(report: Report) -> str:
     return "\n".join(lines)
 
 
+def format_estimate(report: Report) -> str:
+    """How the launcher's shared-memory estimate (attention_configs.candidates) compares with the compiled
+    size, over the rows it prunes: a line only where it is below (it fails a row only where that keeps a
+    tile over a card's limit: the sm_86/89 column)."""
+    pruned = [r for r in report.results if r.pruning and r.shared_bytes is not None]
+    below = [r for r in pruned if r.shared_bytes > r.pruning["estimate"]]
+    if not below:
+        return ""
+    worst = max(below, key=lambda r: r.shared_bytes - r.pruning["estimate"])
+    return (f"shared-memory estimate: below the compiled size on {len(below)} of {plural(len(pruned), 'pruned row')} "
+            f"(most: {worst.label}, {worst.pruning['estimate']} vs {worst.shared_bytes} bytes)")
+
+
 def format_failures(report: Report) -> str:
     """One line per failing case naming kernel, config, arch and reason; compile
     errors keep a few lines of the compiler's message below."""
@@ -92,6 +116,7 @@ def format_failures(report: Report) -> str:
             lines.append(f"FAIL {result.label}: {reason}")
         if result.error:
             lines.extend("    " + line for line in result.error.strip().splitlines()[:12])
+    lines.extend(f"FAIL {failure}" for failure in report.group_failures)
     return "\n".join(lines)
 
 
@@ -99,9 +124,13 @@ def parse_archs(text: str) -> list[int]:
     archs = []
     for item in text.split(","):
         digits = item.strip().lower().removeprefix("sm_").removeprefix("sm")
-        if not digits.isdigit() or int(digits) not in SHARED_MEMORY_LIMITS:
+        if digits.isdigit() and int(digits) in DERIVED_ARCHS:
             raise argparse.ArgumentTypeError(
-                f"unknown arch {item.strip()!r}; choose from {','.join(map(str, SHARED_MEMORY_LIMITS))}")
+                f"{arch_name(int(digits))} is held from the {arch_name(DERIVED_ARCHS[int(digits)])} compile: "
+                f"pass {DERIVED_ARCHS[int(digits)]}")
+        if not digits.isdigit() or int(digits) not in COMPILED_ARCHS:
+            raise argparse.ArgumentTypeError(
+                f"unknown arch {item.strip()!r}; choose from {','.join(map(str, COMPILED_ARCHS))}")
         archs.append(int(digits))
     return archs
 
@@ -112,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Compile every fastgpt Triton kernel at every catalogued config for real GPU targets "
                     "(no GPU needed) and report registers, spills, shared memory and tensor-core use.")
     parser.add_argument("--arch", type=parse_archs, default=list(DEFAULT_ARCHS),
-                        help="comma-separated compute capabilities (default: 80,90)")
+                        help="comma-separated compute capabilities (default: 80,90); sm_86 and sm_89 "
+                             "(99 KB of shared memory per block) are held from the sm_80 compile")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     parser.add_argument("--jobs", type=int, default=None, help="compiles at once (default: usable CPU cores)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
@@ -168,7 +198,9 @@ def main(argv: list[str] | None = None, cases: list[CompileCase] | None = None) 
         if cost := format_dropout_cost(report):
             print()
             print(cost)
-    if report.failed:
+        if estimate := format_estimate(report):
+            print(estimate)
+    if report.failure_count:
         print()
         print(format_failures(report))
     print(report.summary_line())
@@ -176,4 +208,4 @@ def main(argv: list[str] | None = None, cases: list[CompileCase] | None = None) 
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump(report.to_json(), out, indent=2)
             out.write("\n")
-    return 1 if args.strict and report.failed else 0
+    return 1 if args.strict and report.failure_count else 0
