@@ -26,6 +26,7 @@ _EXPORTS = {
     "from_pretrained": "checkpoints", "save_pretrained": "checkpoints", "CheckpointError": "checkpoints",
     "tie_weights": "model", "fused_linear_cross_entropy": "loss",
     "calc_loss_batch": "training", "calc_loss_loader": "training",
+    "check": "checking",
 }
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
     "KVCache", "generate", "generate_stream", "generate_text_simple",
     "get_tokenizer", "text_to_token_ids", "token_ids_to_text",
     "from_pretrained", "save_pretrained", "CheckpointError",
-    "tie_weights", "fused_linear_cross_entropy", "calc_loss_batch", "calc_loss_loader",
+    "tie_weights", "fused_linear_cross_entropy", "calc_loss_batch", "calc_loss_loader", "check",
 ]
 
 

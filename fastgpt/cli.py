@@ -1,4 +1,4 @@
-"""The ``fastgpt`` command line: ``fastgpt profile`` and ``fastgpt generate`` (more land with their issues).
+"""The ``fastgpt`` command line: ``fastgpt profile``, ``fastgpt generate`` and ``fastgpt check``.
 
 Arguments are parsed before torch is imported, so ``--help`` and ``--version``
 answer at once, and whatever a command raises for the user (a bad option, a
@@ -88,7 +88,12 @@ def _build_parser() -> argparse.ArgumentParser:
                                           "Greedy unless --temperature is above 0.")
     generate.add_argument("prompt", help="the text to continue")
     generate.add_argument("--checkpoint", default=None, metavar="PATH",
-                          help="GPT-2 weights (default: random GPT-2 small, untrained)")
+                          help="GPT-2 weights: a path, or a released GPT-2 by name (gpt2, gpt2-medium, gpt2-large, "
+                               "gpt2-xl, or the seed's 124M ... 1558M), found in ./gpt2/<size> (the seed's "
+                               "models_dir) or the Hugging Face cache (default: random GPT-2 small, untrained)")
+    generate.add_argument("--download", action="store_true",
+                          help="download a --checkpoint given by name from the Hugging Face hub if it is not found "
+                               "locally (needs huggingface_hub); without it nothing is downloaded")
     generate.add_argument("--max-new-tokens", type=_positive_int, default=50, metavar="N",
                           help="tokens to generate at most (default 50; stops early at <|endoftext|>)")
     generate.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
@@ -104,7 +109,58 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--backend", choices=BACKENDS, default=None,
                           help="dispatch backend (default: FASTGPT_BACKEND if set, else auto)")
     generate.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+
+    check = sub.add_parser(
+        "check", help="measure every Triton kernel against eager PyTorch on this GPU and record the verdicts",
+        description="Run GPT-2's cases (the four sizes' widths, batch x sequence buckets, bf16/fp16/fp32, forward "
+                    "and backward, dropout 0 and 0.1, decode over caches of 128 to 8k) with the Triton kernel and "
+                    "with eager PyTorch, check that they agree, time both, and record which one `auto` takes from "
+                    "now on (the verdict cache: FASTGPT_VERDICTS). One row per case on stdout, progress on stderr.")
+    check.add_argument("--op", action="append", default=None, metavar="OP",
+                       help="check this op only (repeatable; default every op)")
+    check.add_argument("--size", action="append", default=None, choices=list(_CHECK_SIZES), metavar="SIZE",
+                       help="GPT-2 size whose widths to check (repeatable; default all four)")
+    check.add_argument("--dtype", action="append", default=None, choices=["bfloat16", "float16", "float32"],
+                       help="dtype to check (repeatable; default all three, float32 and float16 with --interpret)")
+    check.add_argument("--interpret", action="store_true",
+                       help="no GPU needed: tiny shapes on CPU tensors under Triton's interpreter (proves the "
+                            "machinery; its times are not a speed)")
+    check.add_argument("--json", metavar="FILE", default=None, help="also write the rows to FILE as JSON")
+    check.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
+
+
+_CHECK_SIZES = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")  # checking.SIZES, without importing torch
+
+
+def _check(args) -> int:
+    import json
+
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports Triton
+    import torch
+
+    from .checking import check, format_rows
+
+    if args.json is not None:
+        from .profiling import check_writable
+        check_writable(args.json, "JSON file")
+    if not args.interpret and not torch.cuda.is_available():
+        print("fastgpt check: no CUDA device here, so there is nothing to check: on CPU `auto` runs eager PyTorch. "
+              "(--interpret runs tiny shapes under Triton's interpreter, to test the machinery.)")
+        return 0
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(f"[fastgpt] check {line}", file=sys.stderr, flush=True)
+
+    rows = check(ops=args.op, sizes=args.size, dtypes=args.dtype, interpret=args.interpret, progress=progress)
+    print(format_rows(rows))
+    if args.json is not None:
+        with open(args.json, "w") as out:
+            json.dump([row.to_dict() for row in rows], out, indent=2)
+            out.write("\n")
+    return 0
 
 
 def _non_negative_float(text: str) -> float:
@@ -194,6 +250,7 @@ def _generate(args) -> int:
 
     from . import ops
     from .checkpoints import from_pretrained
+    from .checkpoints.names import resolve_checkpoint
     from .config import gpt2_config
     from .generation import generate_stream
     from .model import GPTModel
@@ -204,6 +261,8 @@ def _generate(args) -> int:
         raise ValueError("the prompt is empty; give some text to continue")
     if args.n_heads is not None and args.checkpoint is None:
         raise ValueError("--n-heads applies to a --checkpoint state dict; the random GPT-2 small has 12")
+    if args.download and args.checkpoint is None:
+        raise ValueError("--download applies to a --checkpoint given by name (e.g. --checkpoint gpt2)")
     if args.backend is not None:
         ops.set_backend(args.backend)
     device = resolve_device(args.device)
@@ -216,9 +275,11 @@ def _generate(args) -> int:
         torch.manual_seed(args.seed)
         model = GPTModel(gpt2_config("gpt2-small"))
     else:
+        checkpoint = resolve_checkpoint(args.checkpoint, download=args.download)
+        _check_n_heads(checkpoint, args.n_heads)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = from_pretrained(args.checkpoint, **({} if args.n_heads is None else {"n_heads": args.n_heads}))
+            model = from_pretrained(checkpoint, **({} if args.n_heads is None else {"n_heads": args.n_heads}))
         for warning in caught:
             _note(f"warning: {warning.message}")
     model = model.to(device).eval()
@@ -256,12 +317,38 @@ def _generate(args) -> int:
 def _check_before_torch(args) -> None:
     """Refuse what can be refused without torch (whose import takes seconds): a missing
     checkpoint, a device name no torch device of fastgpt's has. The rest is checked where it is used."""
-    if getattr(args, "checkpoint", None) is not None and not os.path.exists(args.checkpoint):
+    if getattr(args, "checkpoint", None) is not None and not os.path.exists(args.checkpoint) \
+            and args.checkpoint not in _PRETRAINED_NAMES:  # a name is looked for later, in names.py's order
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
-    if args.device is not None and not _DEVICE_NAME.fullmatch(args.device):
+    if getattr(args, "device", None) is not None and not _DEVICE_NAME.fullmatch(args.device):
         if args.device.partition(":")[0] == "meta":
             raise ValueError("device 'meta' holds shapes but no data, so it cannot run a model; use cpu, cuda or mps")
         raise ValueError(f"unknown device {args.device!r}; use cpu, cuda, cuda:N or mps")
+
+
+# checkpoints.names.HUB_NAMES and SEED_SIZES, spelled out so that parsing arguments does not import torch.
+_PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "124M", "355M", "774M", "1558M")
+
+
+def _check_n_heads(checkpoint, n_heads) -> None:
+    """Refuse --n-heads for a checkpoint whose config records another head count (it would run another model)."""
+    from pathlib import Path
+
+    from .checkpoints.files import read_json
+
+    if n_heads is None:
+        return
+    folder = Path(checkpoint)
+    if folder.name.endswith(".index"):
+        folder = folder.parent
+    for name in ("config.json", "hparams.json"):
+        config = folder / name
+        if folder.is_dir() and config.exists():
+            recorded = read_json(config).get("n_head")
+            if recorded is not None and recorded != n_heads:
+                raise ValueError(f"--n-heads {n_heads} disagrees with {config}, which records n_head={recorded!r}; "
+                                 "--n-heads is for a state dict, which records no head count: drop it")
+            return
 
 
 def main(argv=None) -> int:
@@ -271,6 +358,8 @@ def main(argv=None) -> int:
         _check_before_torch(args)
         if args.command == "profile":
             return _profile(args)
+        if args.command == "check":
+            return _check(args)
         return _generate(args)
     except BrokenPipeError:
         # The reader went away (`fastgpt generate ... | head`): stop quietly, and keep

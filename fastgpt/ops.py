@@ -10,7 +10,8 @@ per-chunk step of ``fastgpt.loss.fused_linear_cross_entropy``). The model calls
 only those functions. Each one picks a path:
 
 * ``auto`` (default): the Triton kernel when Triton imports, the tensor is on a
-  CUDA device and the kernel supports the case; eager PyTorch otherwise.
+  CUDA device, the kernel supports the case and has proved itself on this device
+  (right, and faster than eager: ``fastgpt/trust.py``); eager PyTorch otherwise.
 * ``triton``: forced. Fails loudly (``BackendError``) rather than fall back:
   no kernel for the op, Triton missing, an unsupported case, or CPU tensors
   without ``TRITON_INTERPRET=1`` (the Triton interpreter, used by the tests).
@@ -41,6 +42,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from fastgpt import trust  # torch only, never Triton
 from fastgpt.kernels.runtime import interpreter_on  # torch only, never Triton
 
 BACKENDS = ("auto", "triton", "eager")
@@ -279,6 +281,15 @@ def _triton_kernel(op: str) -> Optional[tuple[Callable, Callable[..., Optional[s
 
 
 
+# Test seam: let ``auto`` treat CPU tensors under the Triton interpreter as a device, so the
+# measured auto path (fastgpt/trust.py) runs without a GPU. Off: CPU tensors stay eager under auto.
+_measure_on_cpu = os.environ.get("FASTGPT_MEASURE_ON_CPU") == "1"
+
+
+def _measures_cpu() -> bool:
+    return _measure_on_cpu and interpreter_on()
+
+
 def forced_triton_problem(device: torch.device) -> Optional[str]:
     """Why the ops forced to ``triton`` here cannot run on ``device``, or None (also when none is forced).
 
@@ -306,13 +317,16 @@ def select_path(op: str, x: torch.Tensor, *args, **kwargs) -> tuple[str, Optiona
     if backend == "eager":
         return "eager", None
     if backend == "auto":
-        if x.device.type != "cuda" or triton_status() is not None:
+        if (x.device.type != "cuda" and not _measures_cpu()) or triton_status() is not None:
             return "eager", None
         kernel = _triton_kernel(op)
         if kernel is None:
             return "eager", None
         run, supports = kernel
         if supports(x, *args, **kwargs) is not None:
+            return "eager", None
+        # Measured auto (fastgpt/trust.py): the kernel runs once it has proved itself on this device.
+        if trust.choose(op, run, (x, *args)) == "eager":
             return "eager", None
         return "triton", run
     # backend == "triton": forced, so every obstacle is an error.
@@ -422,6 +436,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     _record("causal_attention", path)
     if run is not None:
         return run(q, k, v, dropout_p)
+    if _cpu_inputs_not_finite(q, k, v):
+        return _seed_attention(q, k, v, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
@@ -450,10 +466,46 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     if q_len > kv_len:
         raise ValueError(f"cached_attention: {q_len} queries but only {kv_len} keys; "
                          "the keys must include the queries' own positions")
+    # Only this call's keys and values need checking: older ones were checked when they were new,
+    # and SDPA propagates NaN from keys every query sees (the seed's path takes the rest).
+    if _cpu_inputs_not_finite(q, k[..., -q_len:, :], v[..., -q_len:, :]):
+        return _seed_attention(q, k, v, dropout_p)
     if q_len == 1:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(diagonal=kv_len - q_len)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+
+def _cpu_inputs_not_finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when CPU attention inputs hold a NaN or an infinity, which PyTorch's CPU flash attention
+    would not propagate as the seed's attention does.
+
+    PyTorch's CPU flash kernel drops NaN (pytorch/pytorch#141128): a NaN query
+    yields a finite row, so a model with one NaN weight returns normal-looking
+    logits; with a boolean mask it spreads NaN from keys the mask hides. The
+    seed's masked softmax gives NaN exactly where a NaN reaches. Three sums
+    detect it (a NaN or inf anywhere makes a sum non-finite; so does an
+    overflow, which then takes the exact path too): about 23 us beside 520 us
+    of attention for GPT-2 small's 12 heads at T=128, and on a CPU reading the
+    flag costs no device synchronisation. Other devices and torch.compile
+    tracing skip the check.
+    """
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or q.numel() == 0:
+        return False
+    return not bool(torch.isfinite(q.sum() + k.sum() + v.sum()))
+
+
+def _seed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """The seed's attention, step by step: scores, masked_fill(-inf) above the causal diagonal (aligned
+    bottom-right: the queries are the last q_len of the kv_len positions), softmax of scores / sqrt(d),
+    dropout, times v. NaN and inf flow exactly as in the seed; used for inputs that hold them."""
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    scores = q @ k.transpose(-2, -1)
+    hidden = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).triu(diagonal=kv_len - q_len + 1)
+    weights = torch.softmax(scores.masked_fill(hidden, float("-inf")) / k.shape[-1] ** 0.5, dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ v
 
 
 # (logits, targets, scale, ignore_index, compute_grad) -> per-row losses (float32);

@@ -103,6 +103,7 @@ class Tuner:
         self.records: list = []          # TuneRecord per tuning run, in order
         self._forced: dict = {}
         self._loaded_from = None
+        self._unusable = None            # a FASTGPT_TUNE_CACHE file found corrupt: warned once, never written
 
     @staticmethod
     def key_for(kind: str, head_dim: int, dtype: torch.dtype, t: int, programs: int, device: torch.device) -> str:
@@ -173,7 +174,7 @@ class Tuner:
         if not path or self._loaded_from == path:
             return
         self._loaded_from = path
-        if not os.path.exists(path):
+        if not os.path.exists(path) or path == self._unusable:
             return
         try:
             with open(path, encoding="utf-8") as f:
@@ -182,14 +183,17 @@ class Tuner:
                 raise ValueError(f"format {data.get('format')!r}, expected {_CACHE_FORMAT!r}")
             entries = {key: Config(**value) for key, value in data["configs"].items()}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
-            raise ValueError(f"{TUNE_CACHE_ENV}={path}: not a fastgpt tune cache ({error}); "
-                             "delete the file or point the variable elsewhere") from None
+            # Never a crash: warn once for this file, ignore it, and leave it as it is (not overwritten).
+            self._unusable = path
+            warnings.warn(f"fastgpt: {TUNE_CACHE_ENV}={path}: not a fastgpt tune cache ({error}); it is ignored: "
+                          "delete the file or point the variable elsewhere", RuntimeWarning, stacklevel=3)
+            return
         for key, config in entries.items():
             self.table.setdefault(key, config)
 
     def _save_file(self) -> None:
         path = os.environ.get(TUNE_CACHE_ENV)
-        if not path:
+        if not path or path == self._unusable:
             return
         # Another process may have saved choices since this one read the file: keep them.
         self._loaded_from = None

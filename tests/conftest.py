@@ -15,6 +15,11 @@ if not torch.cuda.is_available():
 # cross several tiles; on sm_90 the half-precision d = 64 one is the smallest
 # wgmma tile, 64 × 64); test_attention.py runs every tuned config on a GPU.
 os.environ.setdefault("FASTGPT_ATTENTION_PINNED", "1")
+# Measured auto (fastgpt/trust.py): the suite never writes the user's verdict cache, and keeps
+# auto as it was (Triton wherever it supports the case, on a GPU too); tests of the check
+# (test_trust.py, test_verdict_cache.py, test_check_command.py) turn it on with a file in tmp_path.
+os.environ["FASTGPT_VERDICTS"] = "off"
+os.environ.setdefault("FASTGPT_TRUST", "trust")
 
 import pytest  # noqa: E402
 

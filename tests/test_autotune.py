@@ -3,6 +3,7 @@ with a stand-in clock; the rules around it (capture, failures, cache, keys) are 
 """
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -109,8 +110,14 @@ def test_the_tune_cache_file_is_written_and_read_back(tuning, tmp_path, monkeypa
     second.choose("fwd", "second key", [A, B], launch, C)
     assert {"key", "first key", "second key"} <= set(json.loads(path.read_text())["configs"])
     path.write_text("{not json")
-    with pytest.raises(ValueError, match=f"{autotune.TUNE_CACHE_ENV}=.*not a fastgpt tune cache"):
-        Tuner().choose("fwd", "key", [A, B], launch, C)
+    # A corrupt file: one warning, ignored (tuned afresh), never a crash, and left as it is.
+    tuner = Tuner()
+    with pytest.warns(RuntimeWarning, match=f"{autotune.TUNE_CACHE_ENV}=.*not a fastgpt tune cache"):
+        assert tuner.choose("fwd", "key", [A, B], launch, C) == B
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuner.choose("fwd", "other key", [A, B], launch, C)  # no second warning
+    assert path.read_text() == "{not json"
 
 
 def test_the_key_tells_grid_fullness_apart(monkeypatch):

@@ -17,9 +17,13 @@ def _count(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
-def format_paths(paths: dict[str, dict[str, float]], only: Optional[tuple[str, ...]] = None) -> str:
-    """``causal_attention eager×12, layer_norm triton×13`` (calls per pass)."""
+def format_paths(paths: dict[str, dict[str, float]], only: Optional[tuple[str, ...]] = None,
+                 verdicts: Optional[dict[str, str]] = None) -> str:
+    """``causal_attention triton×12 (1.9× eager, checked), layer_norm eager×13`` (calls per pass),
+    with measured auto's verdict behind an op's path where one was used."""
+    verdicts = verdicts or {}
     parts = [f"{op} {'+'.join(f'{p}×{_count(n)}' for p, n in by_path.items())}"
+             + (f" ({verdicts[op]})" if op in verdicts else "")
              for op, by_path in paths.items() if only is None or op in only]
     return ", ".join(parts)
 
@@ -85,7 +89,8 @@ def format_result(result) -> str:
         f"model       {result.parameters / 1e6:.1f}M parameters ({result.parameters_tied / 1e6:.1f}M with the "
         f"output head tied; {result.non_embedding_parameters / 1e6:.1f}M in matmuls)",
         f"device      {_device_line(result)} · backend {result.backend}",
-        f"paths       {format_paths(result.paths) or '(no dispatched op ran)'}  (calls per {noun})",
+        f"paths       {format_paths(result.paths, verdicts=result.verdicts) or '(no dispatched op ran)'}  "
+        f"(calls per {noun})",
         f"input       {_input_line(result)}",
         f"latency     median {result.median_ms:,.2f} ms per {noun}  (min {min(lat):,.2f}, max {max(lat):,.2f})",
     ]
@@ -182,7 +187,8 @@ def format_comparison(comparison) -> str:
     if eager.flops_per_token is not None:
         lines.append(row("MFU", _mfu_short(eager), _mfu_short(triton)))
     lines.append(row("peak memory", _mib(eager.memory.peak_bytes), _mib(triton.memory.peak_bytes)))
-    lines += ["", f"eager paths   {format_paths(eager.paths)}", f"triton paths  {format_paths(triton.paths)}"]
+    lines += ["", f"eager paths   {format_paths(eager.paths)}",
+              f"triton paths  {format_paths(triton.paths, verdicts=triton.verdicts)}"]
     if eager.ops is not None and triton.ops is not None:
         what = "GPU kernel time" if eager.ops.basis == "self device" else "self CPU time"
         lines += ["", f"{what} per {noun} in ms, over {eager.ops.passes} profiled "

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import ops, trust
 from ..config import gpt2_config, validate_config
 from ..generation import generate_stream
 from ..kv_cache import KVCache
@@ -157,6 +157,7 @@ class ProfileResult:
     generation: Optional[GenerationTimes] = None
     trace: Optional[str] = None
     notes: list[str] = field(default_factory=list)
+    verdicts: dict[str, str] = field(default_factory=dict)   # op -> measured auto's verdict behind its path
 
     @property
     def median_ms(self) -> float:
@@ -193,6 +194,7 @@ class ProfileResult:
             "parameters": self.parameters, "parameters_tied": self.parameters_tied,
             "non_embedding_parameters": self.non_embedding_parameters,
             "paths_per_pass": self.paths,
+            "verdicts": self.verdicts,
             "latency_ms": {"median": self.median_ms, "min": min(self.latencies_ms),
                            "max": max(self.latencies_ms), "all": self.latencies_ms},
             "tokens_per_s": self.tokens_per_s,
@@ -470,6 +472,7 @@ def profile(size: str = "gpt2-small", batch: int = 1, seq_len: Optional[int] = N
         _synchronize(dev)
         memory.start()
         ops.reset_dispatch_counts()
+        trust.forget_used()
         latencies, first_token, decode_rates, prefill_ms = [], [], [], []
         for i in range(iters):
             if mode == "generate":
@@ -491,6 +494,7 @@ def profile(size: str = "gpt2-small", batch: int = 1, seq_len: Optional[int] = N
                 log(f"{noun} {i + 1}/{iters}: {latencies[-1]:.2f} ms")
         paths = {op: {path: count / iters for path, count in sorted(by_path.items())}
                  for op, by_path in _paths_by_op(ops.dispatch_counts).items()}
+        verdicts = {op: trust.describe(op) for op in paths if trust.describe(op)}
         peak = memory.stop()
         table = None
         if profile_ops or trace:
@@ -502,6 +506,7 @@ def profile(size: str = "gpt2-small", batch: int = 1, seq_len: Optional[int] = N
         batch=batch, seq_len=seq_len, new_tokens=new_tokens if mode == "generate" else None, warmup=warmup,
         parameters=parameter_count(model), parameters_tied=parameter_count(model, exclude_output_head=True),
         non_embedding_parameters=flops.non_embedding_parameters(cfg), latencies_ms=latencies, paths=paths,
+        verdicts=verdicts,
         memory=peak, ops=table, trace=trace, cpu_threads=torch.get_num_threads(),
         generation=GenerationTimes(prefill_ms, first_token, decode_rates) if mode == "generate" else None,
     )
