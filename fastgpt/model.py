@@ -10,8 +10,8 @@ dropout on embeddings, attention weights and both residual branches.
 The modules come in the order of the book's chapter 4: LayerNorm, GELU,
 FeedForward, MultiHeadAttention, TransformerBlock, GPTModel. What keeps them a
 drop-in for the seed's code beyond the maths (the ``att.mask`` buffer, the
-fused-QKV guard, token-id checks, the tied head's load hook) is in
-``seed_compat.py``.
+rule for when a fused op may skip a submodule's forward, the ``drop_resid``
+alias, token-id checks, the tied head's load hook) is in ``seed_compat.py``.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import validate_config
-from .few_row_matmul import apply_linear, few_row_linear, plain_linear
-from .fused_qkv import FusedQKV, QKVPart
+from .few_row_matmul import apply_linear, plain_linear
 from .kv_cache import KVCache
 from .loss import fused_linear_cross_entropy
-from .seed_compat import accept_mask, check_tied_head, check_token_ids, projections_fused, save_mask, seed_mask
+from .seed_compat import (RESIDUAL_DROPOUT, RESIDUAL_DROPOUT_ALIASES, accept_mask, check_tied_head, check_token_ids,
+                          runs_as_stock, save_mask, seed_mask)
 
 
 class LayerNorm(nn.Module):
@@ -63,24 +63,29 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # layers[0] + layers[1] as one op, so the Triton path can fuse the bias
         # add into the activation; the parameters stay where the seed keeps them.
+        # Only while the Sequential, the Linear and the GELU are stock and
+        # unhooked: otherwise the seed's call, self.layers(x), runs them all.
+        if not (runs_as_stock(self.layers, nn.Sequential) and len(self.layers) == 3):
+            return self.layers(x)
         expand, activation, project = self.layers
-        if not (plain_linear(expand) and expand.bias is not None and type(activation) is GELU):
-            return self.layers(x)  # a wrapped (LoRA, ...) or replaced layer runs as a module
+        if not (plain_linear(expand) and expand.bias is not None and runs_as_stock(activation, GELU)):
+            return self.layers(x)
         return project(ops.linear_gelu(x, expand.weight, expand.bias))
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention; query, key and value computed by one matmul.
+    """Causal multi-head self-attention with the seed's three projections, ``W_query``, ``W_key``, ``W_value``.
 
-    The three projections share one (3·d_out, d_in) parameter, ``qkv``
-    (fastgpt/fused_qkv.py); ``W_query``, ``W_key`` and ``W_value`` are the
-    seed's layers over its rows: same attributes, state-dict keys and seeded
-    weights, and a wrapped one (LoRA, ...) is called as a module.
+    They are ordinary ``nn.Linear`` layers owning their parameters, created in
+    the seed's order; a wrapped or hooked one (LoRA, ...) is called as a module.
 
     The seed keeps a (context_length × context_length) ``mask`` buffer; fastgpt
     never needs it (the attention op is causal by construction), so it is not
     stored. It still appears in ``state_dict()`` as ``att.mask`` and is accepted
     -- and checked -- by ``load_state_dict``, so checkpoints move both ways.
+    Attention-weight dropout runs inside the attention op while ``dropout`` is
+    a stock, unhooked ``nn.Dropout``; otherwise the weights are computed as the
+    seed does and handed to ``self.dropout``.
     """
 
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
@@ -91,9 +96,9 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
         self.context_length = context_length
-        self.qkv = FusedQKV(d_in, d_out, bias=qkv_bias)
-        # Each part draws its rows' initial values as the seed's nn.Linear would, in the seed's order.
-        self.W_query, self.W_key, self.W_value = (QKVPart(self.qkv, i) for i in range(3))
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
         self.register_load_state_dict_pre_hook(accept_mask)
@@ -116,22 +121,40 @@ class MultiHeadAttention(nn.Module):
         def heads(t):
             return t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
-        if projections_fused(self):  # one matmul for all three projections
-            qkv = few_row_linear(x, self.qkv.weight, self.qkv.bias)
-            queries, keys, values = (heads(t) for t in qkv.split(self.d_out, dim=-1))
-        else:  # a replaced or wrapped projection computes more than its rows
-            queries, keys, values = heads(self.W_query(x)), heads(self.W_key(x)), heads(self.W_value(x))
-        dropout_p = self.dropout.p if self.training else 0.0
-        if layer_cache is None:
-            context = ops.causal_attention(queries, keys, values, dropout_p=dropout_p)
-        else:
+        queries, keys, values = (heads(t) for t in self._projections(x))
+        if layer_cache is not None:
             keys, values = layer_cache.append(keys, values)
-            context = ops.cached_attention(queries, keys, values, dropout_p=dropout_p)
+        if runs_as_stock(self.dropout, nn.Dropout):
+            dropout_p = self.dropout.p if self.training else 0.0
+            if layer_cache is None:
+                context = ops.causal_attention(queries, keys, values, dropout_p=dropout_p)
+            else:
+                context = ops.cached_attention(queries, keys, values, dropout_p=dropout_p)
+        else:  # a replaced or hooked dropout sees the attention weights, as in the seed
+            context = self._attention_through_dropout(queries, keys, values)
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         return apply_linear(self.out_proj, context)
 
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """W_query(x), W_key(x), W_value(x): three matmuls (one each), hooks and wrappers honoured."""
+        return apply_linear(self.W_query, x), apply_linear(self.W_key, x), apply_linear(self.W_value, x)
+
+    def _attention_through_dropout(self, queries, keys, values) -> torch.Tensor:
+        """The seed's attention: masked, scaled softmax weights, ``self.dropout`` of them, times the values.
+
+        The queries are the last of the keys' positions (all of them without a cache).
+        """
+        q_len, kv_len = queries.shape[-2], keys.shape[-2]
+        scores = queries @ keys.transpose(2, 3)
+        hidden = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).triu(kv_len - q_len + 1)
+        weights = torch.softmax(scores.masked_fill(hidden, -torch.inf) / keys.shape[-1] ** 0.5, dim=-1)
+        return self.dropout(weights) @ values
+
 
 class TransformerBlock(nn.Module):
+    """Pre-LN block. The residual dropout is ``drop_shortcut`` (the book's text) alias ``drop_resid``
+    (the book's package): one module under two names, listed once, as ``drop_shortcut``."""
+
     def __init__(self, cfg: dict):
         super().__init__()
         self.att = MultiHeadAttention(
@@ -147,13 +170,29 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
+    @property
+    def drop_resid(self) -> nn.Module:
+        """``drop_shortcut`` under the name the book's package gives it."""
+        return self.drop_shortcut
+
+    def __setattr__(self, name, value):
+        super().__setattr__(RESIDUAL_DROPOUT if name in RESIDUAL_DROPOUT_ALIASES else name, value)
+
+    def __delattr__(self, name):
+        super().__delattr__(RESIDUAL_DROPOUT if name in RESIDUAL_DROPOUT_ALIASES else name)
+
     def forward(self, x: torch.Tensor, layer_cache=None) -> torch.Tensor:
-        # layer_cache: this block's slice of a generation KV cache, or None.
-        dropout_p = self.drop_shortcut.p if self.training else 0.0
-        # x + dropout(attention) and norm2 of it, fused: one read of the residual
-        # stream and the branch, one write of each result.
-        x, normed = ops.dropout_add_layer_norm(x, self.att(self.norm1(x), layer_cache),
-                                               self.norm2.scale, self.norm2.shift, self.norm2.eps, dropout_p)
+        # layer_cache: this block's slice of a generation KV cache, or None (the seed's call: att(x)).
+        branch = self.att(self.norm1(x)) if layer_cache is None else self.att(self.norm1(x), layer_cache)
+        if runs_as_stock(self.norm2, LayerNorm) and runs_as_stock(self.drop_shortcut, nn.Dropout):
+            # x + dropout(attention) and norm2 of it, fused: one read of the residual
+            # stream and the branch, one write of each result.
+            dropout_p = self.drop_shortcut.p if self.training else 0.0
+            x, normed = ops.dropout_add_layer_norm(x, branch, self.norm2.scale, self.norm2.shift, self.norm2.eps,
+                                                   dropout_p)
+        else:  # the seed's calls, one module at a time
+            x = self.drop_shortcut(branch) + x
+            normed = self.norm2(x)
         return x + self.drop_shortcut(self.ff(normed))
 
 

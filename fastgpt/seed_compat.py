@@ -9,8 +9,11 @@ it (docs/design.md, "The drop-in contract") is here:
   construction) but builds it on demand for ``att.mask``, lists it in
   ``state_dict()`` where the seed does, and accepts -- and checks -- it in
   ``load_state_dict``; ``masks_omitted()`` leaves it out for savers that drop it;
-* the fused query/key/value guard: when the three projections may run as one
-  matmul (``projections_fused``), and when a wrapped or hooked one must run as a module;
+* when a fused op may stand in for a submodule's ``forward`` (``runs_as_stock``):
+  only while that submodule is the stock class with no hook, so hooks fire and
+  replaced modules (LoRA, a custom dropout) run as in the seed;
+* the residual dropout's two names, ``drop_shortcut`` (the book's text) and
+  ``drop_resid`` (the book's package);
 * the token-id checks the seed's model leaves to ``nn.Embedding`` (``check_token_ids``);
 * the tied output head's load hook (``weights_tied``, ``check_tied_head``;
   ``tie_weights`` itself is in model.py).
@@ -26,7 +29,6 @@ import contextvars
 import torch
 
 from .few_row_matmul import unhooked
-from .fused_qkv import QKVPart
 
 # ---------------------------------------------------------------- the attention mask buffer
 
@@ -51,7 +53,10 @@ def causal_mask(context_length: int, *, dtype=torch.float32, device=None) -> tor
 
 def seed_mask(att) -> torch.Tensor:
     """A MultiHeadAttention's ``mask``: the seed's buffer, built on demand (fastgpt stores no copy of it)."""
-    weight = att.qkv.weight  # out_proj may be wrapped (LoRA); the fused parameter never is
+    # The first parameter: W_query's weight, or the wrapped layer's (LoRA lists it first).
+    weight = next(att.parameters(), None)
+    if weight is None:  # every parameter replaced by something that is not one
+        weight = torch.empty(0)
     if weight.is_meta:  # shape only; triu on meta tensors would import torch._dynamo
         return torch.empty(att.context_length, att.context_length, dtype=weight.dtype, device="meta")
     return causal_mask(att.context_length, dtype=weight.dtype, device=weight.device)
@@ -86,12 +91,22 @@ def accept_mask(module, state_dict, prefix, local_metadata, strict, missing_keys
                           "fastgpt supports causal GPT-2 attention only")
 
 
-# ---------------------------------------------------------------- the fused query/key/value guard
+# ---------------------------------------------------------------- fused ops and the submodules they stand in for
 
-def projections_fused(att) -> bool:
-    """True while ``att``'s W_query, W_key and W_value are its own, unwrapped parts of ``att.qkv``."""
-    return all(type(part) is QKVPart and part.fused is att.qkv and unhooked(part)
-               for part in (att.W_query, att.W_key, att.W_value))
+def runs_as_stock(module, cls) -> bool:
+    """True while calling ``module`` would run ``cls.forward`` and nothing else, so a fused op may replace the call.
+
+    ``module`` must be exactly ``cls`` (not a subclass, not a replacement) with no
+    forward or backward hook of its own, none registered globally, and no
+    ``forward`` patched onto the instance. Otherwise the caller calls the module.
+    """
+    return type(module) is cls and unhooked(module)
+
+
+# The residual dropout: the book's text calls it drop_shortcut (registered under
+# that name, as in tests/reference_model.py); the book's package drop_resid.
+RESIDUAL_DROPOUT = "drop_shortcut"
+RESIDUAL_DROPOUT_ALIASES = ("drop_resid",)
 
 
 # ---------------------------------------------------------------- token ids

@@ -34,6 +34,10 @@ def test_seeded_construction_draws_the_seeds_weights(qkv_bias):
     ref_sd, ours_sd = ref.state_dict(), ours.state_dict()
     for key in ref_sd:
         assert torch.equal(ours_sd[key], ref_sd[key]), key
+    # parameters() too: the same tensors, names and order (optimizer state is matched by position).
+    ours_params, ref_params = list(ours.named_parameters()), list(ref.named_parameters())
+    assert [name for name, _ in ours_params] == [name for name, _ in ref_params]
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(ours_params, ref_params))
     # The generator is left in the same state, so code after construction
     # (dropout masks, sampled ids) sees the same random numbers too.
     assert torch.equal(ours_next_draw, ref_next_draw)

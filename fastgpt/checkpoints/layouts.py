@@ -97,10 +97,9 @@ def _transposed(key: str) -> Converter:
 
 def _split_qkv_weight(block: str) -> Converter:
     def convert(t: torch.Tensor) -> dict[str, torch.Tensor]:
-        # The fused (in, 3·out) tensor as the model's fused (3·out, in) parameter
-        # att.qkv.weight (a transposed view: no copy); loading._fuse_qkv adds
-        # the W_query/W_key/W_value rows as views of it.
-        return {f"{block}att.qkv.weight": t.t()}
+        # The fused (in, 3·out) tensor as W_query/W_key/W_value's (out, in)
+        # weights: transposed views of its three column blocks, no copy.
+        return dict(zip(_qkv_keys(block, "weight"), t.t().chunk(3, dim=0)))
     return convert
 
 
@@ -112,8 +111,12 @@ def _split_qkv_bias(block: str, qkv_bias: bool) -> Converter:
             if torch.count_nonzero(t):
                 raise ValueError("the config says qkv_bias false but this bias is not zero")
             return {}
-        return {f"{block}att.qkv.bias": t}  # the fused bias, as the weight above
+        return dict(zip(_qkv_keys(block, "bias"), t.chunk(3)))  # views, as the weight above
     return convert
+
+
+def _qkv_keys(block: str, kind: str) -> list[str]:
+    return [f"{block}att.{name}.{kind}" for name in ("W_query", "W_key", "W_value")]
 
 
 def _embedding(tied_head: bool) -> Converter:
