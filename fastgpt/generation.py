@@ -19,6 +19,8 @@ Other models (the seed's own ``GPTModel``, a compiled module, ...) and
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Iterator
 from typing import Optional
 
@@ -61,6 +63,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int, t
     Returns (batch, seq_len + n) with n <= max_new_tokens; ``max_new_tokens``
     0 returns ``idx`` itself, as the seed does.
     """
+    idx = _numpy_ids_as_tensor(idx)
     columns = list(generate_stream(model, idx, max_new_tokens, context_size, temperature, top_k, top_p,
                                    eos_id, generator, use_cache=use_cache))
     if not columns:
@@ -75,6 +78,8 @@ def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, context_size:
     """``generate``, yielding each new column of tokens, shape (batch, 1), as soon as it exists.
 
     Every argument is checked here, when this is called, before the first token.
+    Integers may be numpy's (``np.int64(50)``), and ``idx`` a numpy integer array
+    (converted to a torch.long tensor), as the seed's loop takes them.
     """
     sampler = _Sampler(temperature, top_k, top_p, generator)
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
@@ -83,6 +88,9 @@ def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, context_size:
         raise ValueError(f"context_size must be a positive int, got {context_size!r}")
     if eos_id is not None and not _is_int(eos_id):
         raise TypeError(f"eos_id must be an int token id or None, got {eos_id!r}")
+    max_new_tokens, context_size = operator.index(max_new_tokens), operator.index(context_size)
+    eos_id = None if eos_id is None else operator.index(eos_id)
+    idx = _numpy_ids_as_tensor(idx)
     _check_idx(idx)
     if max_new_tokens == 0:
         return iter(())
@@ -108,7 +116,20 @@ def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, context_size:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer, Python's or numpy's (numbers.Integral), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def _is_real(value) -> bool:
+    """A real number, Python's or numpy's, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def _numpy_ids_as_tensor(idx):
+    """A numpy integer array of token ids as a torch.long tensor; anything else as it is."""
+    if type(idx).__module__ == "numpy" and type(idx).__name__ == "ndarray" and idx.dtype.kind in "iu":
+        return torch.from_numpy(idx.astype("int64", copy=False))
+    return idx
 
 
 def _check_idx(idx) -> None:
@@ -130,28 +151,35 @@ class _Sampler:
     """Turns one step's logits (batch, vocab) into the next token of each row."""
 
     def __init__(self, temperature, top_k, top_p, generator):
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not math.isfinite(temperature) or temperature < 0:
+        if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if top_k is not None and (not _is_int(top_k) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                                  or not 0.0 < top_p <= 1.0):
+        if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        self.temperature, self.top_k, self.top_p, self.generator = float(temperature), top_k, top_p, generator
+        self.temperature, self.generator = float(temperature), generator
+        self.top_k = None if top_k is None else operator.index(top_k)
+        self.top_p = None if top_p is None else float(top_p)
 
     def check_device(self, device: torch.device) -> None:
         if self.generator is not None and self.temperature > 0 and self.generator.device.type != device.type:
             raise ValueError(f"generator is on {self.generator.device} but the model is on {device}; "
                              f"make it with torch.Generator(device={device.type!r})")
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits: (batch, vocab). Returns (batch,) token ids."""
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits: (batch, vocab). Returns (batch,) token ids and (batch,) row states: 0 for a row
+        whose logits give a token, ``_NAN`` for a row with a NaN logit, ``_ALL_NEG_INF`` for a row
+        whose logits are all -inf (no token is possible). Nothing here synchronises with the device:
+        the caller reads the states where it synchronises anyway."""
+        top = logits.amax(dim=-1, keepdim=True)  # NaN if the row has a NaN, -inf if nothing is possible
+        states = torch.where(torch.isnan(top), _NAN, torch.where(top == float("-inf"), _ALL_NEG_INF, 0)).squeeze(1)
         if self.temperature == 0.0:
-            return logits.argmax(dim=-1)  # a top-k filter never changes the argmax
-        logits = logits.float()
+            return logits.argmax(dim=-1), states  # a top-k filter never changes the argmax
+        # Unusable rows draw from a harmless uniform distribution (torch.multinomial would raise its
+        # own message, or on CUDA assert): the caller raises a clear error before that token is kept.
+        logits = logits.float().masked_fill((states != 0)[:, None], 0.0)
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             # Each row's own k-th largest logit is its threshold.
             kth_largest = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
@@ -166,7 +194,27 @@ class _Sampler:
         probs = torch.softmax(scaled, dim=-1)
         if self.top_p is not None and self.top_p < 1.0:
             probs = _nucleus(probs, self.top_p)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1), states
+
+
+def _reading_is_free(device: torch.device) -> bool:
+    """Whether reading a value from ``device`` costs no synchronisation (a CPU: nothing runs ahead)."""
+    return device.type == "cpu"
+
+
+_NAN, _ALL_NEG_INF = 1, 2  # row states: see _Sampler.__call__
+
+
+def _unusable_logits_error(states: torch.Tensor, step: Optional[int]) -> RuntimeError:
+    """The error for rows whose logits gave no token (states as _Sampler returns them, any non-zero)."""
+    row = int(states.nonzero()[0, 0])
+    when = f"for new token {step + 1}" if step is not None else "during this call"
+    if int(states[row]) == _NAN:
+        return RuntimeError(f"generate: the model returned NaN logits {when} (batch row {row}); NaN in the "
+                            "weights or the activations (e.g. a float16 overflow) makes every token meaningless. "
+                            "Check the model with torch.isnan(p).any() for p in model.parameters()")
+    return RuntimeError(f"generate: every logit of batch row {row} is -inf {when}, so no token can be chosen "
+                        "(a logits mask that excludes the whole vocabulary?)")
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -186,11 +234,14 @@ class _CachedSteps:
         self.model, self.window = model, window
         self.recent = idx[:, -window:]  # the seed's current window
         # Room for the whole run, never more than the window.
-        capacity = min(window, self.recent.shape[1] + max_new_tokens - 1)
-        self.cache = KVCache.for_model(model, idx.shape[0], max_len=capacity)
+        self.capacity = min(window, self.recent.shape[1] + max_new_tokens - 1)
+        self.cache = None
 
     @torch.inference_mode()
     def first(self) -> torch.Tensor:
+        # Made here, where the first token is computed: under the caller's torch.autocast, if any,
+        # attention computes (and the cache must hold) autocast's dtype.
+        self.cache = KVCache.for_model(self.model, self.recent.shape[0], max_len=self.capacity)
         return self.model._logits(self.recent, self.cache, last_logits_only=True)[:, -1]
 
     @torch.inference_mode()
@@ -223,17 +274,32 @@ class _SeedLoop:
 def _stream(steps, max_new_tokens: int, sampler: _Sampler, eos_id: Optional[int]) -> Iterator[torch.Tensor]:
     # Inference mode is entered inside each step, never across a yield, so the
     # caller's code between tokens runs in whatever mode it chose.
+    #
+    # Unusable logits (NaN, or a row all -inf) raise an error. Reading that from the
+    # device is a synchronisation, so it is read only where one happens anyway: on a
+    # CPU at every token (nothing to wait for), elsewhere with the end-of-sequence
+    # check and before the last token, the states of every step accumulated until then.
     logits = steps.first()
-    finished = None
+    check_each_step = _reading_is_free(logits.device)
+    finished, states = None, None
     for step in range(max_new_tokens):
+        last = step + 1 == max_new_tokens
         with torch.inference_mode():
-            tokens = sampler(logits)
+            tokens, step_states = sampler(logits)
+            states = step_states if states is None else torch.maximum(states, step_states)
             if eos_id is not None:
                 finished = tokens == eos_id if finished is None else finished | (tokens == eos_id)
                 tokens = tokens.masked_fill(finished, eos_id)
-        if finished is not None and bool(finished.all()):
+            broken = done = 0
+            if finished is not None:  # one synchronisation for both
+                broken, done = torch.stack((states.amax(), finished.all().to(states.dtype))).tolist()
+            elif check_each_step or last:
+                broken = int(states.amax())
+        if broken:
+            raise _unusable_logits_error(states, step if check_each_step else None)
+        if done:
             return  # every row has produced eos: the seed stops without appending it
         column = tokens[:, None].clone()  # a normal tensor, usable outside inference mode
         yield column
-        if step + 1 < max_new_tokens:
+        if not last:
             logits = steps.next(column)

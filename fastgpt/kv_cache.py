@@ -43,7 +43,9 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: Optional[int] = None) -> "KVCache":
-        """A cache shaped for a fastgpt ``GPTModel``, on its device and in its dtype.
+        """A cache shaped for a fastgpt ``GPTModel``, on its device and in the dtype its attention
+        computes in here: the parameters' dtype, or under ``torch.autocast`` autocast's (the
+        projections' outputs are then in that dtype). Make it where the model will run.
 
         ``max_len`` defaults to the model's context length; generation asks for
         no more than it will use.
@@ -55,7 +57,7 @@ class KVCache:
             raise ValueError(f"max_len must be an int in [1, {context_length}] (the context length), got {max_len!r}")
         weight = model.tok_emb.weight
         return cls(cfg["n_layers"], batch_size, cfg["n_heads"], cfg["emb_dim"] // cfg["n_heads"], max_len,
-                   dtype=weight.dtype, device=weight.device)
+                   dtype=compute_dtype(weight), device=weight.device)
 
     @property
     def batch_size(self) -> int:
@@ -83,6 +85,15 @@ class KVCache:
                              f"{self.max_len} positions; reset() it or make a larger one")
 
 
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls with ``weight`` produce here: autocast's, if it is on for the weight's device
+    and casts that dtype (autocast leaves float64 alone), else the weight's own."""
+    device_type = weight.device.type
+    if weight.is_floating_point() and weight.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
 class LayerKVCache:
     """One layer's view of a ``KVCache``: what ``MultiHeadAttention`` receives as ``layer_cache``."""
 
@@ -107,7 +118,8 @@ class LayerKVCache:
             # Storing would cast or copy silently, and attention would then fail on mixed inputs.
             raise ValueError(f"the KV cache holds {stored.dtype} on {stored.device} but the model computes "
                              f"{keys.dtype} on {keys.device}; make the cache with KVCache.for_model(model, "
-                             "batch_size), after any model.to(...)")
+                             "batch_size), after any model.to(...) and inside the torch.autocast the model "
+                             "runs under, if any")
         end = self.cache.length + keys.shape[2]
         layer_keys, layer_values = self.cache.keys[self.index], self.cache.values[self.index]
         layer_keys[:, :, self.cache.length:end] = keys

@@ -41,6 +41,8 @@ from . import ops
 from .kernels.runtime import device_mismatch  # no Triton import
 
 REDUCTIONS = ("mean", "sum")
+# F.cross_entropy takes int64 and uint8 class ids; int32 works here too (fastgpt always took it).
+TARGET_DTYPES = (torch.int64, torch.uint8, torch.int32)
 CHUNK_BYTES = 64 * 2**20  # one chunk of logits, in the matmuls' dtype
 MIN_CHUNK_ROWS = 16
 
@@ -57,6 +59,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     chunk (default: from the sizes, about ``CHUNK_BYTES`` of logits at a time).
     """
     compute_dtype = _check(hidden, weight, targets, ignore_index, reduction, chunk_size)
+    if targets.dtype == torch.uint8:  # F.cross_entropy takes Byte targets; gather() takes int32/int64 only
+        targets = targets.long()
     hidden2d, targets1d = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if chunk_size is None:
         chunk_size = default_chunk_rows(hidden2d.shape[0], weight.shape[0], compute_dtype.itemsize)
@@ -91,9 +95,11 @@ def _check(hidden, weight, targets, ignore_index, reduction, chunk_size) -> torc
     if not (hidden.is_floating_point() and weight.is_floating_point()):
         raise TypeError(f"fused_linear_cross_entropy: hidden and weight must be floating point, got "
                         f"{hidden.dtype} and {weight.dtype}")
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"fused_linear_cross_entropy: targets must be integer class ids (torch.long), got "
-                        f"{targets.dtype}")
+    if targets.dtype not in TARGET_DTYPES:
+        integer = not (targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool)
+        raise TypeError(f"fused_linear_cross_entropy: targets must be integer class ids of dtype torch.long "
+                        f"(torch.uint8 and torch.int32 also work), got {targets.dtype}"
+                        + ("; convert them with targets.long()" if integer else ""))
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"fused_linear_cross_entropy: weight must be (vocab_size, emb_dim) with emb_dim = "
                          f"hidden.shape[-1]; got hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")

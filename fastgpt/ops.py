@@ -354,6 +354,8 @@ def select_path(op: str, x: torch.Tensor, *args, **kwargs) -> tuple[str, Optiona
 #
 # Values are not checked for NaN or inf (that would cost a device sync per
 # call): they flow into the outputs that depend on them, as in eager PyTorch.
+# One exception, on the CPU only (no sync there): attention checks its inputs,
+# because PyTorch's CPU flash attention drops NaN (see _cpu_inputs_not_finite).
 
 def _check_dropout(op: str, p) -> None:
     # Both paths need p in [0, 1): the kernels scale what they keep by 1 / (1 - p).

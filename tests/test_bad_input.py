@@ -141,6 +141,12 @@ def folder_with(name: str, config_text: Optional[str] = None, **changes) -> str:
     return str(folder)
 
 
+def seed_models_dir() -> Path:
+    """A folder laid out as the seed's models_dir: size subfolders, no checkpoint of its own."""
+    (scratch("models") / "124M").mkdir(parents=True, exist_ok=True)
+    return scratch("models")
+
+
 def fifo(path: Path) -> Path:
     """A named pipe at ``path``: opening it to read blocks until a writer comes, which never does."""
     path.unlink(missing_ok=True)
@@ -195,7 +201,10 @@ def sharded_folder(name: str, shard_name: Callable[[Path], object], link_outside
     """saved_tiny() as one shard plus an index whose weight_map names ``shard_name(folder)`` for every tensor."""
     folder = scratch(name)
     folder.mkdir(exist_ok=True)
-    shutil.copy(saved_tiny() / "config.json", folder)
+    # The config without the weights hash fastgpt's save recorded: these are other files, by hand.
+    config = json.loads((saved_tiny() / "config.json").read_text())
+    config.pop("fastgpt_weights_sha256")
+    (folder / "config.json").write_text(json.dumps(config))
     outside = scratch("outside.safetensors")
     shutil.copy(saved_tiny() / "model.safetensors", outside)
     if link_outside:
@@ -232,6 +241,25 @@ def nan_in_final_norm(m):
     """``m`` with one NaN in a parameter every logit depends on."""
     with torch.no_grad():
         m.final_norm.shift[0] = float("nan")
+    return m
+
+
+def folder_left_by_failed_save(m, folder: Path) -> list:
+    """The folders a save_pretrained that fails (with ValueError) leaves behind, of those it had to make."""
+    with contextlib.suppress(ValueError):
+        save_pretrained(m, folder)
+    return [str(p) for p in (folder, folder.parent) if p.exists()]
+
+
+def meta_model():
+    with torch.device("meta"):
+        return GPTModel(TINY)
+
+
+def nan_in_query_weight(m):
+    """``m`` with one NaN in the first block's query weight: only attention carries it onwards."""
+    with torch.no_grad():
+        m.trf_blocks[0].att.W_query.weight[0, 0] = float("nan")
     return m
 
 
@@ -414,8 +442,12 @@ CASES = [
            ValueError, "non-empty (batch, seq_len)"),
     raises("generating on another device", lambda: generate(model(), ids.to("meta"), 2, CTX), ValueError,
            "token ids are on meta but the model is on cpu"),
-    raises("sampling from NaN logits", lambda: generate(nan_in_final_norm(model()), ids, 2, CTX, temperature=1.0),
-           RuntimeError, "probability tensor contains either `inf`, `nan` or element < 0"),
+    *(raises(f"{how} NaN logits", lambda t=t: generate(nan_in_final_norm(model()), ids, 2, CTX, temperature=t),
+             RuntimeError, "generate: the model returned NaN logits for new token 1 (batch row 0)")
+      for how, t in (("sampling from", 1.0), ("greedy on", 0.0))),
+    returns("a NaN query weight: NaN logits on the eager CPU path, as in the seed",
+            lambda: nan_in_query_weight(model())(torch.ones(1, 4, dtype=torch.long)),
+            lambda logits: torch.isnan(logits).all() or pytest.fail("CPU flash attention dropped the NaN")),
     raises("a KV cache for no sequences", lambda: KVCache.for_model(model(), 0), ValueError,
            "KVCache batch_size must be a positive int, got 0"),
     raises("a KV cache of another dtype", lambda: model()(ids, kv_cache=KVCache(2, 1, 4, 16, CTX, dtype=torch.float16)),
@@ -453,6 +485,16 @@ CASES = [
            "expected str, bytes or os.PathLike object, not int"),
     raises("save_pretrained of a dict", lambda: save_pretrained({}, _scratch["dir"] / "never"), TypeError,
            "save_pretrained takes a fastgpt GPTModel, got dict"),
+    raises("save_pretrained of a meta-device model", lambda: save_pretrained(meta_model(), scratch("meta/never")),
+           ValueError, "the model is on the meta device"),
+    returns("save_pretrained of a meta-device model makes no folder",
+            lambda: folder_left_by_failed_save(meta_model(), scratch("meta2/never")), equals([])),
+    raises("config.json fastgpt_weights_sha256 that is no sha256",
+           lambda: from_pretrained(folder_with("bad-hash", fastgpt_weights_sha256=12)), CheckpointError,
+           "config.json: fastgpt_weights_sha256 must be a sha256 (64 hex digits), got 12"),
+    raises("weights from another save", lambda: from_pretrained(folder_with("other-hash",
+                                                                            fastgpt_weights_sha256="0" * 64)),
+           CheckpointError, "model.safetensors: does not match config.json (sha256"),
     # GPT2Config settings: computed, or refused by name -- never silently another model.
     *(raises(f"config.json {key}={value!r}", lambda key=key, value=value: from_pretrained(
         folder_with(f"cfg-{key}", **{key: value})), CheckpointError, fragment)
@@ -490,7 +532,8 @@ CASES = [
            CheckpointError, "junk.pth: cannot be read as a torch.save file, truncated or damaged",
            absent="weights_only"),
     raises("a pickled module, not a state dict", lambda: from_pretrained(pickled_object_file()), CheckpointError,
-           "holds Python objects besides tensors (torch.nn.modules.linear.Linear); fastgpt loads weights only",
+           "refused: the file asks to run torch.nn.modules.linear.Linear, to build a Python object besides "
+           "tensors; fastgpt loads weights only",
            absent="weights_only"),
     # Malformed safetensors: refused as the safetensors library refuses them (checked below).
     *(raises(f"safetensors with {kind}", lambda kind=kind, header=header, size=size: SafetensorsFile(
@@ -530,6 +573,18 @@ CASES = [
             lambda streams: streams == (f"fastgpt {fastgpt.__version__}\n", "") or pytest.fail(str(streams))),
     raises("generate --n-heads without a checkpoint", lambda: cli("generate", "x", "--n-heads", "8"), CLIError,
            "--n-heads applies to a --checkpoint state dict"),
+    raises("generate --n-heads that disagrees with the checkpoint's config",
+           lambda: cli("generate", "x", "--checkpoint", str(saved_tiny()), "--n-heads", "2"), CLIError,
+           "--n-heads 2 disagrees with"),
+    returns("generate --n-heads that agrees with the checkpoint's config",
+            lambda: cli("generate", "x", "--checkpoint", str(saved_tiny()), "--n-heads", "4", "--max-new-tokens", "1"),
+            lambda streams: "1 new tokens" in streams[1] or pytest.fail(str(streams))),
+    raises("generate a checkpoint that is neither a path nor a name", lambda: cli("generate", "x", "--checkpoint",
+                                                                                "gpt3"),
+           CLIError, "checkpoint gpt3 does not exist"),
+    raises("from_pretrained of the seed's models_dir itself",
+           lambda: from_pretrained(seed_models_dir()), FileNotFoundError,
+           "is the seed's models_dir (a folder of size subfolders: 124M), not a checkpoint"),
     raises("generate from a text file", lambda: cli("generate", "x", "--checkpoint", file_with("t.txt", b"some text")),
            CLIError, "t.txt: is not a torch.save file"),
     raises("no command", lambda: cli(), CLIError, "the following arguments are required: COMMAND"),

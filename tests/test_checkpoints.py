@@ -5,13 +5,20 @@ transformers' ``save_pretrained``, ``torch.save``, safetensors, and TensorFlow
 itself (in a subprocess, when the ``tf`` extra is installed).
 """
 
+import collections
+import errno
+import io
+import pickle
+import re
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 import weakref
+import zipfile
 
 import numpy as np
 import pytest
@@ -106,10 +113,8 @@ def test_a_seed_state_dict_file_loads_exactly(tmp_path, form):
     for linear in (ours.trf_blocks[1].ff.layers[0], ours.out_head):
         assert linear.weight.stride() == (1, linear.weight.shape[0])  # out >= in: the (in, out) transpose
     assert ours.trf_blocks[1].ff.layers[2].weight.is_contiguous()  # in = 4·out: the usual (out, in)
-    # ... and query/key/value side by side in one (in, 3·out) buffer, as GPT-2's c_attn.
-    weight, bias = ours.trf_blocks[0].att.qkv.weight, ours.trf_blocks[0].att.qkv.bias
-    assert weight.shape == (3 * TINY["emb_dim"], TINY["emb_dim"]) and weight.stride() == (1, 3 * TINY["emb_dim"])
-    assert torch.equal(bias, torch.cat([state[f"trf_blocks.0.att.{n}.bias"] for n in ("W_query", "W_key", "W_value")]))
+    for name in ("W_query", "W_key", "W_value"):  # the seed's three parameters, each (in, out)-major
+        assert getattr(ours.trf_blocks[0].att, name).weight.stride() == (1, TINY["emb_dim"])
     for key, value in ours.state_dict().items():
         assert torch.equal(value, state[key]), key
     idx = torch.randint(0, TINY["vocab_size"], (2, 9))
@@ -140,6 +145,7 @@ def test_a_released_width_implies_its_head_count_and_says_so(tmp_path):
 
 TF_WRITER = """
 import sys
+import time
 import numpy as np
 import tensorflow as tf
 
@@ -323,6 +329,10 @@ def rewrite_weights(folder, change):
     tensors = load_file(path)
     change(tensors)
     save_file(tensors, path, metadata={"format": "pt"})
+    # New weights for the same config, by hand: release the hash fastgpt's save recorded (if any).
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("fastgpt_weights_sha256", None)
+    (folder / "config.json").write_text(json.dumps(config))
     return path
 
 
@@ -403,13 +413,19 @@ def test_values_that_contradict_the_config_are_refused(tmp_path):
 
 # ---------------------------------------------------------------- the loaded layout
 
-def test_the_fused_query_key_value_matmul_serves_inference_and_training_stays_exact(tmp_path, monkeypatch):
+def test_query_key_and_value_are_views_of_gpt2s_c_attn_and_train_as_the_seeds_layout(tmp_path, monkeypatch):
     hf_gpt2(seed=10).save_pretrained(tmp_path)
     loaded = from_pretrained(tmp_path, drop_rate=0.0)
     built = GPTModel(loaded.cfg).eval()
-    built.load_state_dict(loaded.state_dict())  # same values, the constructor's (3·out, in) layout
-    assert loaded.trf_blocks[0].att.qkv.weight.stride() == (1, 3 * 64)  # GPT-2's c_attn layout, kept
-    assert built.trf_blocks[0].att.qkv.weight.is_contiguous()
+    built.load_state_dict(loaded.state_dict())  # same values, the constructor's (out, in) layout
+    att = loaded.trf_blocks[0].att
+    parts = [att.W_query, att.W_key, att.W_value]
+    # The seed's three parameters, read straight into GPT-2's (in, 3·out) c_attn tensor: views, no copy.
+    assert [n for n, _ in loaded.named_parameters()] == [n for n, _ in built.named_parameters()]
+    assert all(p.weight.stride() == (1, 3 * 64) for p in parts)
+    assert len({p.weight.untyped_storage().data_ptr() for p in parts}) == 1
+    assert [p.weight.storage_offset() for p in parts] == [0, 64, 128]
+    assert built.trf_blocks[0].att.W_query.weight.is_contiguous()
     widths = []
     real_linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: (widths.append(w.shape[0]),
@@ -417,19 +433,20 @@ def test_the_fused_query_key_value_matmul_serves_inference_and_training_stays_ex
     idx = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         assert rel_err(loaded(idx), built(idx)) <= 1e-6
-    # One matmul for query, key and value in each of the two blocks, in both layouts ...
-    assert widths.count(3 * 64) == 4 and 64 in widths
-    widths.clear()
-    # ... and in training too, with the same gradients and steps in both layouts.
+    # Three matmuls per block, as in the seed (out_proj and ff.layers[2] are the other 64-wide ones), per model.
+    assert widths.count(64) == 2 * 2 * (3 + 2) and 3 * 64 not in widths
+    # Training: the same gradients and steps in both layouts, each parameter its own.
     optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-2) for model in (loaded, built)]
     for model, optimizer in zip((loaded, built), optimizers):
         model.train()
         torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.roll(1).flatten()).backward()
         optimizer.step()
-    assert widths.count(3 * 64) == 4
     for (name, a), b in zip(loaded.named_parameters(), built.parameters()):
         assert rel_err(a.grad, b.grad) <= 1e-5, name
         assert rel_err(a, b) <= 1e-6, name
+    with torch.no_grad():  # the step went into the shared buffer, in place: still views of it
+        assert rel_err(loaded.eval()(idx), built.eval()(idx)) <= 1e-5
+    assert att.W_key.weight.storage_offset() == 64
 
 
 # ---------------------------------------------------------------- GPT2Config settings that change the maths
@@ -522,3 +539,367 @@ def test_save_pretrained_never_builds_the_seeds_mask(tmp_path, monkeypatch):
         model.state_dict()  # the seed's state dict still carries it
     monkeypatch.undo()
     assert "trf_blocks.0.att.mask" in model.state_dict()
+
+
+# ---------------------------------------------------------------- a checkpoint folder is one unit
+
+def two_heads_model(seed=11):
+    """TINY with 2 heads, not 4: loaded with the other config, it computes another model."""
+    torch.manual_seed(seed)
+    return GPTModel({**TINY, "n_heads": 2}).eval()
+
+
+@pytest.fixture(params=["transformers", "fastgpt"])
+def old_checkpoint(request, tmp_path):
+    """A folder holding a 4-head checkpoint, saved by transformers (no weights hash) or by fastgpt."""
+    folder = tmp_path / "checkpoint"
+    if request.param == "transformers":
+        hf_gpt2(seed=3, heads=4).save_pretrained(folder)
+    else:
+        torch.manual_seed(3)
+        GPTModel(TINY).save_pretrained(folder)
+    (folder / "notes.txt").write_text("the user's own file")
+    return folder
+
+
+def test_a_save_interrupted_between_the_two_renames_is_refused_never_a_mix(old_checkpoint, monkeypatch):
+    real_replace, calls = os.replace, []
+
+    def crash_on_the_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies here
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        two_heads_model().save_pretrained(old_checkpoint)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    with pytest.raises(CheckpointError, match="the two files come from different saves: a save into this folder "
+                                              "was interrupted"):
+        from_pretrained(old_checkpoint)
+    two_heads_model().save_pretrained(old_checkpoint)  # saving again repairs it
+    again = from_pretrained(old_checkpoint)
+    assert again.cfg["n_heads"] == 2
+    assert_same_logits_as(again, two_heads_model())
+    assert sorted(p.name for p in old_checkpoint.iterdir()) == \
+        sorted({"config.json", "model.safetensors", "notes.txt"} | {p.name for p in old_checkpoint.glob("*.json")})
+    assert (old_checkpoint / "notes.txt").read_text() == "the user's own file"
+
+
+def assert_same_logits_as(model, expected):
+    idx = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), expected(idx))
+
+
+class DiskFull:
+    """An ``open`` for saving.py whose files' writes fail with ENOSPC once a file named ``prefix``... is written."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def __call__(self, path, *args, **kwargs):
+        f = open(path, *args, **kwargs)
+        if not os.path.basename(path).startswith(self.prefix):
+            return f
+        prefix = self.prefix
+
+        class Full:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+            def write(self, data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), prefix)
+
+            def __getattr__(self, name):
+                return getattr(f, name)
+        return Full()
+
+
+@pytest.mark.parametrize("full_at", [".config.json", ".model.safetensors"])
+def test_a_full_disk_is_an_oserror_and_leaves_the_old_checkpoint_whole(old_checkpoint, monkeypatch, full_at):
+    import fastgpt.checkpoints.saving as saving
+
+    before = {p.name: p.read_bytes() for p in old_checkpoint.iterdir()}
+    old_logits = from_pretrained(old_checkpoint)
+    monkeypatch.setattr(saving, "open", DiskFull(full_at), raising=False)
+    with pytest.raises(OSError) as info:
+        two_heads_model().save_pretrained(old_checkpoint)
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in old_checkpoint.iterdir()} == before  # no temporary file left either
+    assert_same_logits_as(from_pretrained(old_checkpoint), old_logits)
+
+
+def test_temporary_files_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    stale = [tmp_path / f".model.safetensors.{dead_pid}.0123456789ab.tmp",
+             tmp_path / f".config.json.{dead_pid}.ba9876543210.tmp"]
+    alive = tmp_path / f".model.safetensors.{os.getppid()}.00112233aabb.tmp"  # a save still running elsewhere
+    unrelated = tmp_path / ".model.safetensors.backup"
+    for path in (*stale, alive, unrelated):
+        path.write_bytes(b"partial")
+    GPTModel(TINY).save_pretrained(tmp_path)
+    assert not any(p.exists() for p in stale)
+    assert alive.exists() and unrelated.exists()
+
+
+def test_weights_that_are_not_their_configs_are_refused(tmp_path):
+    GPTModel(TINY).save_pretrained(tmp_path / "a")
+    two_heads_model().save_pretrained(tmp_path / "b")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert len(config["fastgpt_weights_sha256"]) == 64
+    (tmp_path / "b" / "model.safetensors").replace(tmp_path / "a" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"a/model\.safetensors: does not match config\.json \(sha256"):
+        from_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "model.safetensors").unlink()  # older weights in another format remain beside the config
+    torch.save(hf_gpt2(seed=1).state_dict(), tmp_path / "a" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="records the sha256 of the model.safetensors saved with it, but the "
+                                              "folder has no model.safetensors"):
+        from_pretrained(tmp_path / "a")
+
+
+def test_a_folder_transformers_rewrote_from_ours_still_loads(tmp_path):
+    """transformers copies unknown config keys (the hash, now stale) into what it saves, beside its own
+    transformers_version: such a config binds no weights."""
+    GPTModel(TINY).save_pretrained(tmp_path / "ours")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours")
+    with torch.no_grad():
+        hf.transformer.wte.weight[0, 0] += 1.0
+    hf.save_pretrained(tmp_path / "theirs")
+    config = json.loads((tmp_path / "theirs" / "config.json").read_text())
+    assert "fastgpt_weights_sha256" in config and "transformers_version" in config
+    assert_same_logits(from_pretrained(tmp_path / "theirs"), hf.eval())
+
+
+def test_saving_a_meta_device_model_is_a_clear_error_and_makes_no_folder(tmp_path):
+    with torch.device("meta"):
+        model = GPTModel(TINY)
+    with pytest.raises(ValueError, match=r"the model is on the meta device \('tok_emb.weight' holds a shape but "
+                                         "no values\\), so there are no weights to save"):
+        model.save_pretrained(tmp_path / "new" / "folder")
+    assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------- torch.save files: nothing trusted
+
+def torch_archive(path, pickled: bytes, storages: dict = (), compress=zipfile.ZIP_STORED):
+    """A zip laid out as torch.save lays it out, holding ``pickled`` as data.pkl and ``storages``
+    (key -> number of zero bytes, written in 1 MiB pieces) as data/<key>."""
+    with zipfile.ZipFile(path, "w", compression=compress) as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/byteorder", "little")
+        for key, size in dict(storages).items():
+            with archive.open(f"archive/data/{key}", "w", force_zip64=True) as out:
+                for start in range(0, size, 2**20):
+                    out.write(bytes(min(2**20, size - start)))
+        archive.writestr("archive/version", "3\n")
+    return path
+
+
+class _FakeStorage:
+    def __init__(self, key, numel):
+        self.key, self.numel = key, numel
+
+
+class _FakeTensor:
+    """Pickles as torch.save pickles a float32 tensor over storage ``key`` -- without one in memory."""
+
+    def __init__(self, key, shape):
+        self.storage, self.shape = _FakeStorage(key, int(np.prod(shape))), tuple(shape)
+
+    def __reduce__(self):
+        strides = tuple(int(np.prod(self.shape[i + 1:])) for i in range(len(self.shape)))
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, strides, False,
+                                                 collections.OrderedDict())
+
+
+class _StoragePickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _FakeStorage):
+            return "storage", torch.FloatStorage, obj.key, "cpu", obj.numel
+        return None
+
+
+def state_dict_pickle(shapes: dict) -> bytes:
+    out = io.BytesIO()
+    _StoragePickler(out, protocol=2).dump({name: _FakeTensor(str(i), shape) for i, (name, shape)
+                                           in enumerate(shapes.items())})
+    return out.getvalue()
+
+
+INFLATION_PROBE = """
+import resource, sys
+import fastgpt
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    fastgpt.from_pretrained(sys.argv[1])
+except fastgpt.CheckpointError as err:
+    print(str(err).replace(chr(10), " "))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_a_small_compressed_pth_is_refused_before_its_tensors_are_inflated(tmp_path):
+    """250 MB of zeros deflate to a quarter of a megabyte: the wrong shape is refused from the pickle and
+    the zip's directory, before any tensor byte is inflated."""
+    numel = 62_500_000  # 250 MB of float32
+    shapes = {"tok_emb.weight": (numel // 50, 50), "pos_emb.weight": (8, 50)}
+    path = torch_archive(tmp_path / "bomb.pth", state_dict_pickle(shapes),
+                         {"0": numel * 4, "1": 8 * 50 * 4}, compress=zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 600_000
+    probe = subprocess.run([sys.executable, "-c", INFLATION_PROBE, str(path)], capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+    assert probe.returncode == 0, probe.stderr
+    message, growth = probe.stdout.splitlines()
+    assert "bomb.pth" in message and "emb_dim 50 is no released GPT-2 width" in message, message
+    assert int(growth) < 60e6, f"peak memory grew {int(growth) / 1e6:.0f} MB while refusing a {numel * 4 / 1e6:.0f} MB tensor"
+
+
+def test_tensor_bytes_are_read_only_after_every_name_and_shape_is_checked(tmp_path, monkeypatch):
+    from fastgpt.checkpoints import torch_format
+
+    torch.manual_seed(0)
+    state = RefGPTModel(TINY).state_dict()
+    state["trf_blocks.1.ff.layers.0.weight"] = torch.zeros(3, 3)  # the last thing a loader would reach
+    torch.save(state, tmp_path / "wrong.pth")
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append(
+        getattr(name, "filename", name)) or real_open(self, name, *a, **k))
+    with pytest.raises(CheckpointError, match=r"wrong\.pth: tensor 'trf_blocks\.1\.ff\.layers\.0\.weight'"):
+        from_pretrained(tmp_path / "wrong.pth", n_heads=4)
+    assert opened and not [name for name in opened if "/data/" in name], opened  # the pickle, no storage
+
+
+SYSTEM_CALL = b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85R."  # os.system("true")
+
+
+@pytest.mark.parametrize("form", ["zip", "bare pickle"])
+def test_a_pickle_that_names_a_blocked_global_is_refused_by_name(tmp_path, form, monkeypatch):
+    import os as os_module
+
+    monkeypatch.setattr(os_module, "system", lambda *a: pytest.fail("os.system ran"))
+    path = tmp_path / "evil.pth"
+    if form == "zip":
+        torch_archive(path, SYSTEM_CALL)
+    else:
+        path.write_bytes(SYSTEM_CALL)
+    with pytest.raises(CheckpointError, match=r"evil\.pth: refused: the file asks to run (os|posix)\.system, to "
+                                              "build a Python object besides tensors"):
+        from_pretrained(path)
+
+
+@pytest.mark.parametrize("what, shapes, storages, message", [
+    ("a storage smaller than its tensor", {"a": (4, 4)}, {"0": 15 * 4}, "storage '0' holds 60 bytes but the pickle "
+                                                                        "says 16 elements"),
+    ("a storage missing from the archive", {"a": (2,)}, {}, "storage '0' is not in the archive"),
+])
+def test_a_pth_whose_pickle_and_archive_disagree_is_refused(tmp_path, what, shapes, storages, message):
+    path = torch_archive(tmp_path / "odd.pth", state_dict_pickle(shapes), storages)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        from_pretrained(path)
+
+
+# ---------------------------------------------------------------- TensorFlow indexes: nothing trusted
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def proto(*fields) -> bytes:
+    """A protobuf message from (number, value) pairs: ints as varints, bytes length-delimited."""
+    out = b""
+    for number, value in fields:
+        if isinstance(value, int):
+            out += _varint_bytes(number << 3) + _varint_bytes(value)
+        else:
+            out += _varint_bytes(number << 3 | 2) + _varint_bytes(len(value)) + value
+    return out
+
+
+def sstable(entries: dict) -> bytes:
+    """A LevelDB table as TensorFlow writes a checkpoint index: one data block, its index block, the footer."""
+    from fastgpt.checkpoints.tensorflow_format import _TABLE_MAGIC, _masked_crc32c
+
+    def block(items):
+        body = b"".join(_varint_bytes(0) + _varint_bytes(len(k)) + _varint_bytes(len(v)) + k + v for k, v in items)
+        return body + (0).to_bytes(4, "little") + (1).to_bytes(4, "little")  # one restart point, at 0
+
+    def with_trailer(body):
+        return body + b"\0" + _masked_crc32c(body + b"\0").to_bytes(4, "little")
+
+    items = sorted(entries.items())
+    data_block = block(items)
+    index_block = block([(items[-1][0], _varint_bytes(0) + _varint_bytes(len(data_block)))])
+    index_offset = len(data_block) + 5
+    handles = _varint_bytes(0) + _varint_bytes(0) + _varint_bytes(index_offset) + _varint_bytes(len(index_block))
+    footer = handles + bytes(40 - len(handles)) + _TABLE_MAGIC.to_bytes(8, "little")
+    return with_trailer(data_block) + with_trailer(index_block) + footer
+
+
+def tensor_entry(shape=(2, 3), dtype=1, shard=0, offset=0, size=None):
+    shape_message = proto(*((2, proto((1, n))) for n in shape))
+    return proto((1, dtype), (2, shape_message), (3, shard), (4, offset),
+                 (5, int(np.prod(shape)) * 4 if size is None else size))
+
+
+def tf_folder(tmp_path, header=proto((1, 1)), **entries):
+    (tmp_path / "hparams.json").write_text(json.dumps({"n_vocab": 53, "n_ctx": 16, "n_embd": 32, "n_head": 4,
+                                                       "n_layer": 1}))
+    index = {b"": header, **{name.encode(): value for name, value in entries.items()}}
+    (tmp_path / "model.ckpt.index").write_bytes(sstable(index))
+    return tmp_path
+
+
+def test_a_tiny_index_claiming_a_trillion_shards_is_refused_at_once(tmp_path):
+    folder = tf_folder(tmp_path, header=proto((1, 10**12)), **{"model/wte": tensor_entry()})
+    assert (folder / "model.ckpt.index").stat().st_size < 1500
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"model\.ckpt\.index: malformed index: the header's shard count must "
+                                              r"be an integer in \[0, 100000\], got 1000000000000"):
+        from_pretrained(folder)
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("what, entry, message", [
+    ("a shape given as a number", proto((1, 1), (2, 7)), "the shape must be a message, got 7"),
+    ("a dimension given as a number", proto((1, 1), (2, proto((2, 5)))), "a dimension must be a message, got 5"),
+    ("a dtype given as bytes", proto((1, b"float"), (2, b"")), "the dtype must be an integer in [0, 2147483648], "
+                                                               "got 5 bytes"),
+    ("an offset given as bytes", proto((1, 1), (2, b""), (4, b"12")), "the byte offset must be an integer"),
+    ("a shard past the header's count", tensor_entry(shard=3), "the shard number must be an integer in [0, 0], got 3"),
+    ("a dimension of 2**62", tensor_entry(shape=(2**62,)), "a dimension's size must be an integer in [0, "
+                                                           "1099511627776], got 4611686018427387904"),
+    ("a dimension of -1 (an unknown size)", tensor_entry(shape=(2**64 - 1,)), "a dimension's size must be"),
+    ("70 dimensions", tensor_entry(shape=(1,) * 70), "70 dimensions (at most 64)"),
+    ("a truncated entry", tensor_entry()[:-1], "malformed index entry (truncated"),
+    ("a varint of 11 bytes", b"\x08" + b"\xff" * 10 + b"\x01", "a varint longer than 10 bytes"),
+])
+def test_malformed_index_fields_name_the_file_and_the_tensor(tmp_path, what, entry, message):
+    folder = tf_folder(tmp_path, **{"model/wte": entry})
+    with pytest.raises(CheckpointError) as info:
+        from_pretrained(folder)
+    assert f"model.ckpt.index: tensor 'model/wte': " in str(info.value) and message in str(info.value), \
+        str(info.value)
+
+
+def test_a_malformed_index_header_names_the_file(tmp_path):
+    for header, message in [(proto((1, b"x")), "the header's shard count must be an integer"),
+                            (proto((2, 7)), "the header's endianness must be an integer in [0, 1], got 7"),
+                            (proto((1, 0)), "the header's shard count is 0"),
+                            (b"\x0a\x05ab", "corrupt checkpoint index header (truncated")]:
+        with pytest.raises(CheckpointError) as info:
+            from_pretrained(tf_folder(tmp_path, header=header, **{"model/wte": tensor_entry()}))
+        assert "model.ckpt.index: " in str(info.value) and message in str(info.value), str(info.value)

@@ -92,6 +92,12 @@ def test_no_checkpoint_means_a_random_gpt2_small_with_a_notice(tmp_path):
     assert len(notice) == 1 and "untrained" in notice[0]
 
 
+def _default_sigint():
+    """In the child, before Python starts: SIGINT's default disposition, so that Python installs its
+    KeyboardInterrupt handler (it leaves an inherited SIG_IGN alone)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_closed_pipe_and_ctrl_c_end_quietly(checkpoint, tmp_path):
     command = [sys.executable, "-m", "fastgpt", "generate", "Hello", "--checkpoint", str(checkpoint),
                "--max-new-tokens", "1000"]
@@ -103,7 +109,10 @@ def test_a_closed_pipe_and_ctrl_c_end_quietly(checkpoint, tmp_path):
     _, err = reader.communicate(timeout=300)
     assert reader.returncode == 1 and b"Traceback" not in err, err.decode()
     # Ctrl-C while tokens stream.
-    running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    # SIGINT's disposition is inherited: a test run started in the background (`pytest &`) ignores it, and so
+    # would the child, which then never sees the Ctrl-C sent below. The child sets its own.
+    running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env,
+                               preexec_fn=_default_sigint)
     assert running.stdout.read(5) == b"Hello"
     running.send_signal(signal.SIGINT)
     _, err = running.communicate(timeout=300)

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 import fastgpt
 from fastgpt import GPTModel, ops
 from fastgpt import loss as loss_module
-from fastgpt.fused_qkv import seed_named_grads
 from fastgpt.loss import default_chunk_rows, fused_linear_cross_entropy
 from catalogue_launches import launches_in_the_catalogue
 from helpers import TINY, TOLERANCES, kernel_device, rel_err
@@ -191,12 +190,37 @@ def test_bad_input_gets_a_clear_error(change, error, message):
         fused_linear_cross_entropy(hidden, weight, targets, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.int32], ids=str)
+def test_targets_of_the_dtypes_cross_entropy_takes_give_its_loss(dtype):
+    hidden, weight, targets = _inputs(ignored_every=0)  # ids < 97 fit in uint8
+    got = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets.to(dtype))
+    want = _loss_and_grads(_unfused, hidden, weight, targets)
+    assert all(rel_err(a, b) <= 1e-5 for a, b in zip(got, want))
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    ids = targets[:1, :8] % TINY["vocab_size"]
+    loss = fastgpt.calc_loss_batch(ids, ids.to(dtype), model, "cpu")
+    torch.testing.assert_close(loss, fastgpt.calc_loss_batch(ids, ids, model, "cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint16, torch.uint32, torch.uint64], ids=str)
+def test_other_integer_targets_are_refused_with_a_way_out(dtype):
+    hidden, weight, targets = _inputs(ignored_every=0)
+    message = f"targets must be integer class ids of dtype torch.long .*got {dtype}; convert them with targets.long"
+    with pytest.raises(TypeError, match=message):
+        fused_linear_cross_entropy(hidden, weight, targets.to(dtype))
+    torch.manual_seed(0)
+    ids = targets[:1, :8]
+    with pytest.raises(TypeError, match=message):
+        fastgpt.calc_loss_batch(ids, ids.to(dtype), GPTModel(TINY), "cpu")
+
+
 # ---------------------------------------------------------------- the model's loss
 
 def _model_grads(model, loss):
     model.zero_grad(set_to_none=True)
     loss.backward()
-    return loss.detach(), dict(seed_named_grads(model))
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("tied", [False, True])

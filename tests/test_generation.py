@@ -367,3 +367,40 @@ def test_wrapped_linear_layers_are_called_not_bypassed(tmp_path, two_threads):
         reference = model(idx)  # autograd on: every module runs as a module
     assert rel_err(after, before) > 1e-3
     assert rel_err(after, reference) <= 1e-5
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_runs_under_autocast_with_the_cache_in_autocasts_dtype(use_cache, monkeypatch):
+    torch.manual_seed(0)
+    model = GPTModel(TINY).eval()
+    idx = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(1))
+    made = []
+    real_for_model = KVCache.for_model.__func__
+    monkeypatch.setattr(KVCache, "for_model", classmethod(lambda cls, *a, **k: made.append(
+        real_for_model(cls, *a, **k)) or made[-1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, idx, 8, CTX, use_cache=use_cache)
+        sampled = generate(model, idx, 8, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out, generate(model, idx, 8, CTX, use_cache=not use_cache))
+    assert out.shape == (2, 13) and sampled.shape == (2, 13)
+    assert made and {cache.keys.dtype for cache in made} == {torch.bfloat16}
+    assert KVCache.for_model(model, 1).keys.dtype == torch.float32  # outside autocast, the model's own
+
+
+def test_numpy_integers_work_where_python_ints_do():
+    """The seed's loop takes numpy integers for its counts (range(), slicing, topk); fastgpt's too,
+    and a numpy array of ids is converted to a torch.long tensor."""
+    np = pytest.importorskip("numpy")
+    ours, ref = tiny_pair(seed=4)
+    idx = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(2))
+    expected = seed_generate(ref, idx, np.int64(5), np.int32(CTX))
+    assert torch.equal(generate_text_simple(ours, idx.numpy(), np.int64(5), np.int32(CTX)), expected)
+    assert torch.equal(generate(ours, idx.numpy().astype(np.int32), np.int16(5), np.uint16(CTX)), expected)
+    sampled = generate(ours, idx, 4, CTX, temperature=np.float32(0.8), top_k=np.int64(5), top_p=np.float64(0.9),
+                       eos_id=np.int64(V - 1), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, generate(ours, idx, 4, CTX, temperature=0.8, top_k=5, top_p=0.9, eos_id=V - 1,
+                                         generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got np.True_"):
+        generate(ours, idx, np.bool_(True), CTX)
+    with pytest.raises(TypeError, match="idx must be a torch.Tensor of token ids"):
+        generate(ours, idx.numpy().astype(np.float32), 2, CTX)

@@ -17,7 +17,10 @@ problem raises and the safe file reading all formats share.
 ``save_pretrained(model, directory)`` (``saving.py``) writes ``config.json`` +
 ``model.safetensors`` in Hugging Face's GPT-2 layout, which
 ``transformers.GPT2LMHeadModel.from_pretrained`` and ``from_pretrained`` here
-both read.
+both read; the config records the weights' sha256, so the pair is one unit.
+``names.py`` resolves a released GPT-2's name (``"gpt2"``, ``"124M"``, ...) to
+a local folder: a path, the seed's ``models_dir``, the Hugging Face cache, and
+a download only when asked.
 """
 
 from .files import CheckpointError

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -61,3 +63,34 @@ def read_json(path: Path) -> dict:
     if len(text) > MAX_JSON_BYTES:
         raise CheckpointError(path, f"is larger than {MAX_JSON_BYTES:,} bytes: not a checkpoint's JSON file")
     return parse_json_object(path, text)
+
+
+# The sha256 of model.safetensors, recorded in the config.json that fastgpt's save_pretrained writes
+# with it (transformers keeps unknown config keys as attributes and ignores them).
+WEIGHTS_SHA256_KEY = "fastgpt_weights_sha256"
+
+
+def check_weights_hash(config_path: Path, hf_config: dict) -> None:
+    """Refuse a ``model.safetensors`` that is not the one saved with ``config_path`` (the config
+    records its sha256). A config without the key (transformers', other tools') binds nothing; so does
+    one transformers rewrote (it records ``transformers_version`` and copies the key, stale, along)."""
+    recorded = hf_config.get(WEIGHTS_SHA256_KEY)
+    if recorded is None or "transformers_version" in hf_config:
+        return
+    if not isinstance(recorded, str) or not re.fullmatch(r"[0-9a-f]{64}", recorded):
+        raise CheckpointError(config_path, f"{WEIGHTS_SHA256_KEY} must be a sha256 (64 hex digits), got {recorded!r}")
+    weights = config_path.with_name("model.safetensors")
+    interrupted = ("the two files come from different saves: a save into this folder was interrupted between "
+                   "them (or a file was replaced by hand); save the model again, or delete the "
+                   f"{WEIGHTS_SHA256_KEY!r} entry from config.json to pair them anyway")
+    if not os.path.lexists(weights):
+        raise CheckpointError(config_path, f"records the sha256 of the model.safetensors saved with it, but the "
+                                           f"folder has no model.safetensors; {interrupted}")
+    digest = hashlib.sha256()
+    with open_regular_file(weights) as f:
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+    found = digest.hexdigest()
+    if found != recorded:
+        raise CheckpointError(weights, f"does not match config.json (sha256 {found[:12]}..., config.json records "
+                                       f"{recorded[:12]}...); {interrupted}")

@@ -24,9 +24,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..config import GPT_CONFIG_124M, validate_config
-from ..model import GPTModel, LayerNorm, MultiHeadAttention
-from .files import CheckpointError, open_regular_file, read_json
+from ..model import GPTModel, LayerNorm
+from .files import CheckpointError, check_weights_hash, open_regular_file, read_json
 from .hf_config import DROPOUTS_DIFFER, DEFAULT_LAYER_NORM_EPS, dropout_rates, hf_gpt2_settings
+from .names import resolve_checkpoint
 from .layouts import StoredTensor, fastgpt_layout, gpt2_n_heads, hf_gpt2_ignorable, hf_gpt2_layout, openai_tf_layout
 from .safetensors_format import SafetensorsFile, SafetensorsShards
 from .tensorflow_format import TFCheckpoint
@@ -38,7 +39,7 @@ DEFAULT_DROP_RATE = GPT_CONFIG_124M["drop_rate"]
 
 
 def from_pretrained(path, *, dtype: Optional[torch.dtype] = None, device=None, model_class=None,
-                    **cfg_overrides):
+                    models_dir=None, download: bool = False, **cfg_overrides):
     """A ``GPTModel`` holding the GPT-2 weights at ``path`` (a folder or a file), in eval mode.
 
     ``cfg_overrides`` replace config entries the files give or lack, e.g.
@@ -47,6 +48,12 @@ def from_pretrained(path, *, dtype: Optional[torch.dtype] = None, device=None, m
     so; another width needs it). ``model_class``: a ``GPTModel`` subclass to build.
     ``dtype`` defaults to torch's default dtype (float32), ``device`` to the CPU;
     each tensor is converted as it is read.
+
+    ``path`` may also name a released GPT-2: ``"gpt2"``, ``"gpt2-medium"``,
+    ``"gpt2-large"``, ``"gpt2-xl"`` or the seed's ``"124M"`` ... ``"1558M"``,
+    looked for offline in the seed's ``models_dir`` (default ``./gpt2``) and the
+    Hugging Face cache, and downloaded through huggingface_hub only with
+    ``download=True`` (``checkpoints/names.py``).
 
     ``nn.Linear`` weights keep the seed's (out, in) shape and values but are
     laid out in memory for fast one-token matmuls (see ``_gemv_friendly``).
@@ -57,9 +64,8 @@ def from_pretrained(path, *, dtype: Optional[torch.dtype] = None, device=None, m
     if unknown:
         raise TypeError(f"from_pretrained got unknown keyword(s) {unknown}; config keys are {list(GPT_CONFIG_124M)}, "
                         "plus dtype and device")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    # A path, or a released GPT-2's name ("gpt2", "124M", ...): see names.py for where it is looked for.
+    path = resolve_checkpoint(path, models_dir=models_dir, download=download)
     checkpoint = _open_checkpoint(path)
     cfg = {**checkpoint.cfg, **cfg_overrides}
     where = checkpoint.config_path or checkpoint.source.path
@@ -90,7 +96,6 @@ def from_pretrained(path, *, dtype: Optional[torch.dtype] = None, device=None, m
                 module.eps = checkpoint.layer_norm_eps
     state_dict = _read_state_dict(checkpoint.source, layout, dtype or torch.get_default_dtype(), device,
                                   _linear_weights(model))
-    _fuse_qkv(state_dict, model)
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as err:  # e.g. an att.mask that is not causal
@@ -179,6 +184,9 @@ def _open_hf_folder(folder: Path) -> _Checkpoint:
     else:
         raise FileNotFoundError(f"{folder}: config.json but no weights (model.safetensors, "
                                 "model.safetensors.index.json or pytorch_model.bin)")
+    # After the weights' own structure is checked (a truncated file is named as such): the weights
+    # saved with this config, or refused.
+    check_weights_hash(config_path, hf_config)
     names = source.shapes()
     prefix = "transformer." if "transformer.wte.weight" in names else ""
     tied = hf_config.get("tie_word_embeddings", True) and "lm_head.weight" not in names
@@ -318,34 +326,6 @@ def _gemv_friendly(weight: torch.Tensor) -> torch.Tensor:
         rows_of_transpose_contiguous = weight.stride(0) == 1 and weight.stride(1) >= out_features
         return weight if rows_of_transpose_contiguous else weight.t().contiguous().t()
     return weight.contiguous()
-
-
-def _fuse_qkv(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
-    """Give each block's fused query/key/value parameter (``att.qkv``) its tensor, and the parts views of it.
-
-    GPT-2's own c_attn layout, (in, 3·out) with contiguous rows (fast one-token
-    matmuls): a Hugging Face or TensorFlow checkpoint already has it and the
-    converter hands it over as ``att.qkv.*``; a state dict in the seed's layout
-    is copied into it. ``load_state_dict(assign=True)`` then adopts that tensor
-    as the parameter, and ``W_query`` / ``W_key`` / ``W_value`` load their rows.
-    """
-    for name, module in model.named_modules():
-        if not isinstance(module, MultiHeadAttention):
-            continue
-        size = module.d_out
-        for kind in ("weight", "bias"):
-            fused_key = f"{name}.qkv.{kind}"
-            keys = [f"{name}.{projection}.{kind}" for projection in ("W_query", "W_key", "W_value")]
-            if fused_key not in state_dict:
-                if keys[0] not in state_dict:
-                    continue  # no query/key/value biases
-                parts = [state_dict[key] for key in keys]
-                if kind == "weight":  # (in, 3·out) with contiguous rows, viewed as (3·out, in)
-                    state_dict[fused_key] = torch.cat([part.t() for part in parts], dim=1).t()
-                else:
-                    state_dict[fused_key] = torch.cat(parts)
-            fused = state_dict[fused_key]
-            state_dict.update((key, fused[i * size:(i + 1) * size]) for i, key in enumerate(keys))
 
 
 def _read_state_dict(source, layout: list[StoredTensor], dtype: torch.dtype, device,

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
+import re
 import secrets
-from collections.abc import Callable
+import sys
 from pathlib import Path
 
 import torch
 
 from ..model import GPTModel, LayerNorm
 from ..seed_compat import masks_omitted
+from .files import WEIGHTS_SHA256_KEY
 from .layouts import hf_gpt2_tensors
 
 
@@ -21,14 +25,25 @@ def save_pretrained(model, directory) -> None:
     The output head is stored only when it differs from the token embedding
     (``tie_word_embeddings``); a model without query/key/value biases gets zero
     biases and ``"qkv_bias": false`` in the config, which fastgpt reads back.
-    Each file is written under a temporary name and renamed into place.
-    """
-    from safetensors.torch import save_file
 
+    The two files are one unit. Both are written in full under temporary names
+    (and flushed to disk) before either replaces anything; the config records
+    the sha256 of the weights (``WEIGHTS_SHA256_KEY``); then the config is
+    renamed into place, and the weights after it. A save that stops between
+    the two renames leaves a config whose hash the old weights do not match,
+    which ``from_pretrained`` refuses, never a silent mix of two models; one
+    that stops earlier (a full disk, Ctrl-C) leaves the old checkpoint as it
+    was. Temporary files a killed save left behind are removed by the next save
+    into the folder. Disk problems raise ``OSError`` (ENOSPC, EACCES, ...).
+    """
     if not isinstance(model, GPTModel):
         raise TypeError(f"save_pretrained takes a fastgpt GPTModel, got {type(model).__name__}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    on_meta = next((name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                    if t.is_meta), None)
+    if on_meta is not None:
+        raise ValueError(f"save_pretrained: the model is on the meta device ({on_meta!r} holds a shape but no "
+                         "values), so there are no weights to save; load or initialise them first (e.g. "
+                         "fastgpt.from_pretrained, or model.to_empty(device='cpu') then load_state_dict)")
     cfg = model.cfg
     eps = _layer_norm_eps(model)
     state_dict = {name: t.detach().cpu() for name, t in _state_dict_without_masks(model).items()}
@@ -53,10 +68,136 @@ def save_pretrained(model, directory) -> None:
         "eos_token_id": 50256 if cfg["vocab_size"] > 50256 else None,
         "qkv_bias": cfg["qkv_bias"],  # fastgpt's; transformers keeps it as an unused attribute
     }
-    _write_atomically(directory / "model.safetensors",
-                      lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _write_atomically(directory / "config.json",
-                      lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    directory = Path(directory)
+    created = _make_directory(directory)
+    weights_tmp = config_tmp = None
+    try:
+        _remove_stale_temporaries(directory)
+        weights_tmp = _temporary(directory / "model.safetensors")
+        config[WEIGHTS_SHA256_KEY] = _write_safetensors(weights_tmp, tensors, {"format": "pt"})
+        config_tmp = _temporary(directory / "config.json")
+        _write_bytes(config_tmp, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+        # Config first: between the two renames the folder holds the new config with the old
+        # weights, whose hash differs (refused on load), never new weights with an old config.
+        os.replace(config_tmp, directory / "config.json")
+        config_tmp = None
+        os.replace(weights_tmp, directory / "model.safetensors")
+        weights_tmp = None
+        _sync_directory(directory)
+    except BaseException:
+        for tmp in (weights_tmp, config_tmp):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        for folder in created:  # folders this call made, deepest first, if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _make_directory(directory: Path) -> list[Path]:
+    """Create ``directory`` (and missing parents); return the folders created, deepest first."""
+    missing = []
+    folder = directory
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+# Temporary files: ".<target name>.<pid>.<random>.tmp", so that a later save can tell one whose
+# writer is gone (removed) from one another process is writing now (left alone).
+_TEMPORARY = re.compile(r"\.(model\.safetensors|config\.json)\.(\d+)\.[0-9a-f]{12}\.tmp")
+
+
+def _temporary(target: Path) -> Path:
+    """A new empty file beside ``target``, with mode 0666 less the umask as open() would give the
+    target itself; it keeps that mode whatever the writer does."""
+    while True:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    for entry in directory.iterdir():
+        found = _TEMPORARY.fullmatch(entry.name)
+        if found and not _process_alive(int(found.group(2))):
+            entry.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another thread of this process may be saving
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process: leave its file alone
+    return True
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the renames durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write ``tensors`` as a safetensors file (the format the library writes: an 8-byte header length,
+    a JSON header padded with spaces to 8 bytes, the tensors' bytes back to back); return its sha256.
+
+    Written here rather than by ``safetensors.torch.save_file`` so that a full disk raises OSError,
+    not the library's own error type, and so that the hash is computed as the bytes go out.
+    """
+    if sys.byteorder != "little":
+        raise OSError("save_pretrained writes safetensors (little-endian) on little-endian machines only")
+    header, offset = {"__metadata__": metadata}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for piece in (len(text).to_bytes(8, "little"), text):
+            f.write(piece)
+            digest.update(piece)
+        for tensor in tensors.values():
+            data = memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+            f.write(data)
+            digest.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
 
 
 def _layer_norm_eps(model: torch.nn.Module) -> float:
@@ -75,24 +216,3 @@ def _state_dict_without_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]
     """
     with masks_omitted():
         return model.state_dict()
-
-
-def _write_atomically(target: Path, write: Callable[[Path], object]) -> None:
-    # The temporary file gets mode 0666 less the umask, as open() would give the target
-    # itself, and keeps it whatever the writer does (tempfile's, or safetensors', 0600
-    # would stay on the renamed file).
-    while True:
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    mode = tmp.stat().st_mode & 0o777  # 0666 less the umask: what the writer may not keep
-    try:
-        write(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

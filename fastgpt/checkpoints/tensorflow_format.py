@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -43,24 +43,43 @@ _DTYPES = {1: torch.float32, 2: torch.float64, 3: torch.int32, 4: torch.uint8, 5
            9: torch.int64, 10: torch.bool, 14: torch.bfloat16, 19: torch.float16}
 
 
+MAX_INDEX_BYTES = 64_000_000  # GPT-2 XL's index is about 50 KB
+MAX_SHARDS = 100_000
+MAX_RANK = 64
+MAX_DIM = 2**40
+MAX_BYTES = 2**48
+
+
 class TFCheckpoint:
-    """The variables of one TensorFlow checkpoint: ``shapes()`` from its index, ``read(name)`` from its data."""
+    """The variables of one TensorFlow checkpoint: ``shapes()`` from its index, ``read(name)`` from its data.
+
+    Every count and field the index gives is type-checked and bounded before it is used: a
+    malformed or hostile index is a CheckpointError naming the file (and the variable), early.
+    """
 
     def __init__(self, prefix):
         self.prefix = str(prefix)
         self.index_path = self.path = Path(self.prefix + ".index")
         entries = dict(_read_table(self.index_path))
-        header = _fields(entries.pop(b"", b""))
-        if header.get(2, 0) != 0:
+        try:
+            header = _fields(entries.pop(b"", b""))
+        except ValueError as err:
+            raise CheckpointError(self.index_path, f"corrupt checkpoint index header ({err})") from None
+        endianness = _int_field(self.index_path, header, 2, 0, "the header's endianness", maximum=1)
+        if endianness != 0:
             raise CheckpointError(self.index_path, "big-endian checkpoints are not supported")
-        num_shards = header.get(1, 1)
-        self._data_paths = [Path(f"{self.prefix}.data-{shard:05d}-of-{num_shards:05d}") for shard in range(num_shards)]
-        self._entries = {key.decode("utf-8", "replace"): _bundle_entry(self.index_path, key, value)
+        self.num_shards = _int_field(self.index_path, header, 1, 1, "the header's shard count", maximum=MAX_SHARDS)
+        if self.num_shards < 1:
+            raise CheckpointError(self.index_path, "malformed index: the header's shard count is 0")
+        self._entries = {key.decode("utf-8", "replace"): _bundle_entry(self.index_path, key, value, self.num_shards)
                          for key, value in entries.items()}
+
+    def _data_path(self, shard: int) -> Path:
+        return Path(f"{self.prefix}.data-{shard:05d}-of-{self.num_shards:05d}")
 
     @property
     def data_paths(self) -> list[Path]:
-        return list(self._data_paths)
+        return [self._data_path(shard) for shard in range(self.num_shards)]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: entry["shape"] for name, entry in self._entries.items()}
@@ -71,21 +90,21 @@ class TFCheckpoint:
 
     def read(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
-        path = self._data_paths[entry["shard"]] if entry["shard"] < len(self._data_paths) else None
-        if path is None or not path.exists():
-            raise CheckpointError(path or self.index_path, "the data file this tensor is stored in is missing", name)
+        path = self._data_path(entry["shard"])
+        if not path.exists():
+            raise CheckpointError(path, "the data file this tensor is stored in is missing", name)
         dtype, shape = entry["dtype"], entry["shape"]
         if dtype is None:
             raise CheckpointError(path, f"unsupported TensorFlow dtype number {entry['dtype_number']}", name)
         size = math.prod(shape) * dtype.itemsize
         if entry["size"] != size:
             raise CheckpointError(path, f"the index gives {entry['size']} bytes for shape {shape} ({size} needed)", name)
-        tensor = torch.empty(shape, dtype=dtype)
         with open_regular_file(path) as f:
             file_size = os.fstat(f.fileno()).st_size
             if entry["offset"] + size > file_size:
                 raise CheckpointError(path, f"the file is truncated: this tensor ends at byte "
                                             f"{entry['offset'] + size} but the file has {file_size}", name)
+            tensor = torch.empty(shape, dtype=dtype)
             data = tensor.view(-1).view(torch.uint8).numpy()
             if size:
                 f.seek(entry["offset"])
@@ -97,20 +116,59 @@ class TFCheckpoint:
         return tensor
 
 
-def _bundle_entry(index_path: Path, key: bytes, value: bytes) -> dict:
-    """Decode a BundleEntryProto (tensorflow/core/protobuf/tensor_bundle.proto)."""
-    fields = _fields(value, repeated={7})
+def _int_field(path: Path, fields: dict, number: int, default, what: str, name: Optional[str] = None,
+               maximum: int = MAX_BYTES) -> int:
+    """Field ``number`` as an int in [0, maximum], or a CheckpointError saying what it is."""
+    value = fields.get(number, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        shown = f"{len(value)} bytes" if isinstance(value, (bytes, list)) else repr(value)
+        raise CheckpointError(path, f"malformed index: {what} must be an integer in [0, {maximum}], got {shown}",
+                              name)
+    return value
+
+
+def _message_field(path: Path, fields: dict, number: int, what: str, name: Optional[str] = None) -> bytes:
+    value = fields.get(number, b"")
+    if not isinstance(value, bytes):
+        raise CheckpointError(path, f"malformed index: {what} must be a message, got {value!r:.40}", name)
+    return value
+
+
+def _bundle_entry(index_path: Path, key: bytes, value: bytes, num_shards: int) -> dict:
+    """Decode a BundleEntryProto (tensorflow/core/protobuf/tensor_bundle.proto), every field checked."""
     name = key.decode("utf-8", "replace")
-    if fields.get(7):
-        raise CheckpointError(index_path, "partitioned (sliced) variables are not supported", name)
-    shape_fields = _fields(fields.get(2, b""), repeated={2})
-    if shape_fields.get(3):
-        raise CheckpointError(index_path, "the tensor's shape is unknown", name)
-    shape = tuple(_fields(dim).get(1, 0) for dim in shape_fields.get(2, []))
-    dtype_number = fields.get(1, 0)
-    return {"dtype": _DTYPES.get(dtype_number), "dtype_number": dtype_number, "shape": shape,
-            "shard": fields.get(3, 0), "offset": fields.get(4, 0), "size": fields.get(5, 0),
-            "crc32c": fields.get(6)}  # masked, as the index blocks' are
+    try:
+        fields = _fields(value, repeated={7})
+        if fields.get(7):
+            raise CheckpointError(index_path, "partitioned (sliced) variables are not supported", name)
+        shape_fields = _fields(_message_field(index_path, fields, 2, "the shape", name), repeated={2})
+        if shape_fields.get(3):
+            raise CheckpointError(index_path, "the tensor's shape is unknown", name)
+        dims = shape_fields.get(2, [])
+        if len(dims) > MAX_RANK:
+            raise CheckpointError(index_path, f"malformed index: {len(dims)} dimensions (at most {MAX_RANK})", name)
+        shape = []
+        for dim in dims:
+            if not isinstance(dim, bytes):
+                raise CheckpointError(index_path, f"malformed index: a dimension must be a message, got {dim!r:.40}",
+                                      name)
+            shape.append(_int_field(index_path, _fields(dim), 1, 0, "a dimension's size", name, maximum=MAX_DIM))
+    except ValueError as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(index_path, f"malformed index entry ({err})", name) from None
+    if math.prod(shape) > MAX_BYTES:
+        raise CheckpointError(index_path, f"malformed index: shape {tuple(shape)} is larger than any checkpoint's",
+                              name)
+    dtype_number = _int_field(index_path, fields, 1, 0, "the dtype", name, maximum=2**31)
+    shard = _int_field(index_path, fields, 3, 0, "the shard number", name, maximum=num_shards - 1)
+    crc32c = fields.get(6)
+    if crc32c is not None:
+        crc32c = _int_field(index_path, fields, 6, None, "the checksum", name, maximum=2**32 - 1)
+    return {"dtype": _DTYPES.get(dtype_number), "dtype_number": dtype_number, "shape": tuple(shape),
+            "shard": shard, "offset": _int_field(index_path, fields, 4, 0, "the byte offset", name),
+            "size": _int_field(index_path, fields, 5, 0, "the byte size", name),
+            "crc32c": crc32c}  # masked, as the index blocks' are
 
 
 # ---------------------------------------------------------------- protobuf wire format
@@ -121,6 +179,8 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     while True:
         if pos >= len(buf):
             raise ValueError("truncated varint")
+        if shift > 63:
+            raise ValueError("a varint longer than 10 bytes")
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -164,7 +224,9 @@ def _fields(message: bytes, repeated: frozenset | set = frozenset()) -> dict:
 def _read_table(path: Path) -> Iterator[tuple[bytes, bytes]]:
     """Every (key, value) of an SSTable file, in key order."""
     with open_regular_file(path) as f:
-        data = f.read()
+        data = f.read(MAX_INDEX_BYTES + 1)
+    if len(data) > MAX_INDEX_BYTES:
+        raise CheckpointError(path, f"is larger than {MAX_INDEX_BYTES:,} bytes: not a GPT-2 checkpoint index")
     if len(data) < _FOOTER_SIZE or int.from_bytes(data[-8:], "little") != _TABLE_MAGIC:
         raise CheckpointError(path, "not a TensorFlow checkpoint index (no table footer; truncated or another format)")
     footer = data[-_FOOTER_SIZE:]
@@ -177,6 +239,8 @@ def _read_table(path: Path) -> Iterator[tuple[bytes, bytes]]:
             offset, pos = _varint(handle, 0)
             size, _ = _varint(handle, pos)
             yield from _block_entries(path, data, offset, size)
+    except CheckpointError:
+        raise
     except ValueError as err:  # a malformed varint or entry
         raise CheckpointError(path, f"corrupt checkpoint index ({err})") from None
 
@@ -192,13 +256,19 @@ def _block_entries(path: Path, data: bytes, offset: int, size: int) -> Iterator[
     if compression != 0:
         raise CheckpointError(path, f"compressed index blocks (type {compression}) are not supported; "
                                     "TensorFlow writes them uncompressed")
+    if len(block) < 4:
+        raise ValueError(f"a block at byte {offset} is {len(block)} bytes, too short for its restart count")
     num_restarts = int.from_bytes(block[-4:], "little")
     entries_end = len(block) - 4 * (num_restarts + 1)
+    if entries_end < 0:
+        raise ValueError(f"a block at byte {offset} claims {num_restarts} restart points, more than it holds")
     pos, key = 0, b""
     while pos < entries_end:
         shared, pos = _varint(block, pos)
         unshared, pos = _varint(block, pos)
         value_length, pos = _varint(block, pos)
+        if shared > len(key) or pos + unshared + value_length > entries_end:
+            raise ValueError(f"an entry of the block at byte {offset} runs past its block")
         key = key[:shared] + block[pos:pos + unshared]  # keys are prefix-compressed against the previous one
         pos += unshared
         yield key, block[pos:pos + value_length]
