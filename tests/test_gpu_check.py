@@ -97,8 +97,8 @@ def test_the_bench_step_times_the_suites_cases_into_records_the_headline_reads(g
     assert all(("TFLOP/s" in r) != ("GB/s" in r) for r in records)
     # Ours twice as slow as each peer: every case gets a headline row with the ratio 0.50×.
     ours = [{**r, "impl": "fastgpt", "ms": 4.0} for r in records if r["kind"] in ("attention", "decode", "elementwise")]
-    if not any(r["kind"] == "attention" for r in records):  # a CPU build without SDPA's CPU kernel
-        pytest.skip("no attention peer ran")
+    # SDPA's flash kernel runs on CPU tensors: an attention peer that recorded nothing is a failure, not a skip.
+    assert any(r["kind"] == "attention" for r in records), records
     rows = gpu_check.headline_rows(records + ours)
     assert len(rows) == len(ours) and all(row[3] == "0.50×" for row in rows), rows
 
